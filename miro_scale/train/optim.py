@@ -1,0 +1,100 @@
+"""LAMB, its warmup-cosine schedule, and the EMA of the weights.
+
+LAMB comes from timm (maintained, multi-tensor). Configured as released: bias-corrected moments,
+L2 weight decay added to the Adam step before the trust ratio (timm's default, non-decoupled),
+no trust-ratio clipping, no optimizer-side global clipping (the trainer clips), and the trust ratio
+applied only where weight decay is on, so norms, biases and embeddings get neither.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List
+
+import torch
+import torch.nn as nn
+from timm.optim import Lamb
+
+from miro_scale.config import OptimConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """Two groups: decayed matrices; undecayed norms, biases (ndim < 2) and learned embeddings."""
+    no_decay_names = set()
+    for module_name, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            prefix = f"{module_name}." if module_name else ""
+            no_decay_names |= {prefix + n for n in module.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name in no_decay_names else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.name == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None,
+                    trust_clip=False, always_adapt=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, cosine_rate: float) -> float:
+    """Linear warmup from 0, then 0.5 * (1 + cos(rate * pi * progress)) (rate 0.8 ends at ~0.095)."""
+    if step < warmup_steps:
+        return step / max(warmup_steps, 1)
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(cosine_rate * math.pi * min(progress, 1.0)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.cosine_rate))
+
+
+class EMA:
+    """Exponential moving average of parameters (buffers are copied), kept in fp32.
+
+    Works on plain and sharded (DTensor) parameters alike: it only needs elementwise ops on
+    tensors of the same layout, so each rank averages its own shard.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+        self.decay = decay
+        self.start_step = start_step
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = 0.0 if step < self.start_step else self.decay
+        names = list(self.shadow)
+        params = dict(model.named_parameters())
+        current = [params[n].detach().float() for n in names]
+        torch._foreach_lerp_([self.shadow[n] for n in names], current, 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            param.copy_(self.shadow[name].to(param.dtype))
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise KeyError(f"EMA state does not match the model; differing keys: {sorted(missing)[:5]}")
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global-norm clipping; max_norm 0 only measures."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
