@@ -1,0 +1,341 @@
+"""Shard loaders that yield MIRO training batches; the PIL + torch DataLoader one lives here.
+
+All loaders (this one, :class:`miro_scale.data.dali_loader.DaliLoader`) yield the same batch dict:
+
+``"image"``      float32 [B, 3, H, W] in [-1, 1] (``mode="image"``), or
+``"latent"``     float32 [B, C, h, w] raw VAE latents (``mode="latent"``: mean + std * eps, or the mean)
+``"text"``       list[str] of B captions (always)
+``"text_emb"``   float32 [B, L, D] and ``"text_mask"`` bool [B, L] (``text_embeddings=True``)
+``"rewards"``    float32 [B, N]: the normalised bin values of ``reward_keys``, in that order
+``"keys"``       list[str] of B sample keys (``"shard_name/key"`` is in ``"where"``)
+
+Batches are compact: a sample that fails (bad image, json without a configured reward, ...) is left
+out with a warning naming shard and key and counted in :attr:`stats`, so a batch can be shorter than
+``batch_size``. Ordering, rank/worker split and resume follow :mod:`miro_scale.data.plan`; the state
+(``state_dict()``) is the epoch and the number of batches already handed out, and restoring it
+resumes on the next batch exactly, with any number of workers.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .decode import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop
+from .format import (IMAGE_EXTS, JSON_EXT, LATENT_MEAN_EXT, LATENT_STD_EXT, TEXT_EMB_EXT,
+                     TEXT_MASK_EXT, TEXT_EXT, SampleError, choose_caption, image_ext, parse_json,
+                     reward_vector)
+from .plan import (DatasetIndex, build_dataset_index, epoch_order, num_batches, rank_range,
+                   resolve_shards)
+from .tario import MemberReader
+
+log = logging.getLogger("miro_scale.data")
+
+STATE_VERSION = 1
+
+
+def _load_npy(data: bytes, where: str, ext: str) -> np.ndarray:
+    import io
+
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad member
+        raise SampleError("bad_npy", f"{where}: member .{ext} is not a valid .npy ({e})") from None
+
+
+class PlannedLoader:
+    """Shared logic: shard indexing, the epoch plan for this rank, state, stats.
+
+    Subclasses implement ``_iter_epoch(order, start_batch)`` yielding ``(batch_index, batch_dict,
+    stats_counter, messages)``.
+    """
+
+    def __init__(self, shards, batch_size: int, *, mode: str = "image", resolution: int = 256,
+                 reward_keys: Sequence[str] = (), caption_source: str = "txt",
+                 text_embeddings: bool = False, max_text_len: int = 256,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 shuffle_chunk: int = 64, drop_last: bool = True, use_index_files: bool = True,
+                 max_warnings: int = 100):
+        if mode not in ("image", "latent"):
+            raise ValueError(f"mode must be 'image' or 'latent', got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards = resolve_shards(shards)
+        self.batch_size = int(batch_size)
+        self.mode = mode
+        self.resolution = int(resolution)
+        self.reward_keys = tuple(reward_keys)
+        self.caption_source = caption_source
+        self.text_embeddings = bool(text_embeddings)
+        self.max_text_len = int(max_text_len)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed, self.shuffle, self.shuffle_chunk = int(seed), bool(shuffle), int(shuffle_chunk)
+        self.drop_last = bool(drop_last)
+        self.max_warnings = max_warnings
+        self._warned = 0
+        required = []
+        if mode == "image":
+            required.append(IMAGE_EXTS)
+        else:
+            required.append((LATENT_MEAN_EXT,))
+        if caption_source == "txt":
+            required.append((TEXT_EXT,))
+        if self.reward_keys or caption_source != "txt":
+            required.append((JSON_EXT,))
+        if self.text_embeddings:
+            required.append((TEXT_EMB_EXT,))
+        self.index: DatasetIndex = build_dataset_index(self.shards, required, use_index_files)
+        self.stats: Counter = Counter()
+        for reason, n in self.index.skipped.items():
+            self.stats[reason] += n
+        if self.rank == 0:
+            for m in self.index.messages:
+                self._warn(m)
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches of this epoch already handed out
+        rank_range(len(self.index), self.rank, self.world_size, self.batch_size, self.drop_last)
+
+    # -- plan --------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Usable samples in the dataset (all ranks)."""
+        return len(self.index)
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's sample ids for ``epoch``, in order."""
+        order = epoch_order(self.index, self.seed, epoch, self.shuffle, self.shuffle_chunk)
+        a, b = rank_range(len(order), self.rank, self.world_size, self.batch_size, self.drop_last)
+        return order[a:b]
+
+    def __len__(self) -> int:
+        a, b = rank_range(len(self.index), self.rank, self.world_size, self.batch_size, self.drop_last)
+        return num_batches(b - a, self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch_in_epoch = int(epoch), 0
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "seed": self.seed, "shuffle": self.shuffle, "shuffle_chunk": self.shuffle_chunk,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "drop_last": self.drop_last, "num_samples": self.num_samples,
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("seed", "shuffle", "shuffle_chunk", "batch_size", "world_size", "drop_last",
+                     "num_samples"):
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(f"loader state field {name!r} is {state[name]!r} but this loader has "
+                                 f"{getattr(self, name)!r}; cannot resume exactly")
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        if "stats" in state:
+            self.stats = Counter(state["stats"])
+
+    # -- iteration ---------------------------------------------------------------------------
+    def _warn(self, msg: str) -> None:
+        self._warned += 1
+        if self.max_warnings is None or self._warned <= self.max_warnings:
+            log.warning(msg)
+        elif self._warned == self.max_warnings + 1:
+            log.warning("more data warnings follow; see the loader's stats")
+
+    def __iter__(self) -> Iterator[dict]:
+        """The rest of the current epoch (from ``batch_in_epoch``); then the epoch advances."""
+        order = self.rank_order(self.epoch)
+        nb = num_batches(len(order), self.batch_size)
+        start = self.batch_in_epoch
+        expected = start
+        for b, batch, stats, messages in self._iter_epoch(order, start):
+            if b != expected:
+                raise RuntimeError(f"loader produced batch {b} where {expected} was due")
+            expected += 1
+            self.stats.update(stats)
+            for m in messages:
+                self._warn(m)
+            self.batch_in_epoch = b + 1
+            if len(batch["keys"]) == 0:
+                continue
+            self.stats["samples"] += len(batch["keys"])
+            self.stats["batches"] += 1
+            yield batch
+        if expected != nb:
+            raise RuntimeError(f"epoch {self.epoch} ended after batch {expected} of {nb}")
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def _iter_epoch(self, order: np.ndarray, start_batch: int):
+        raise NotImplementedError
+
+    # -- per-sample CPU work shared by loaders ----------------------------------------------
+    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str):
+        meta = parse_json(meta_bytes, where) if meta_bytes is not None else {}
+        if txt is not None:
+            try:
+                txt_s = txt.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SampleError("bad_txt", f"{where}: txt member is not UTF-8") from None
+        else:
+            txt_s = None
+        caption = choose_caption(txt_s, meta, self.caption_source, where)
+        rewards = reward_vector(meta, self.reward_keys, where)
+        return caption, rewards
+
+    def _text_embedding(self, emb_b: bytes, mask_b: bytes | None, where: str):
+        emb = _load_npy(emb_b, where, TEXT_EMB_EXT)
+        if emb.ndim != 2:
+            raise SampleError("bad_npy", f"{where}: .{TEXT_EMB_EXT} has shape {emb.shape}, want [L, D]")
+        if mask_b is not None:
+            mask = _load_npy(mask_b, where, TEXT_MASK_EXT).astype(bool).reshape(-1)
+            if mask.shape[0] != emb.shape[0]:
+                raise SampleError("bad_npy", f"{where}: text mask length {mask.shape[0]} != "
+                                  f"embedding length {emb.shape[0]}")
+        else:
+            mask = np.ones(emb.shape[0], dtype=bool)
+        L = self.max_text_len
+        out = np.zeros((L, emb.shape[1]), dtype=np.float32)
+        m = np.zeros(L, dtype=bool)
+        n = min(L, emb.shape[0])
+        out[:n] = emb[:n]
+        m[:n] = mask[:n]
+        return out, m
+
+
+def _identity(x):
+    return x
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    def __init__(self, loader: "WebDatasetLoader", order: np.ndarray, start_batch: int, epoch: int):
+        self.loader, self.order, self.start_batch, self.epoch = loader, order, start_batch, epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        L = self.loader
+        reader = MemberReader()
+        nb = num_batches(len(self.order), L.batch_size)
+        try:
+            for b in range(self.start_batch + w, nb, W):
+                ids = self.order[b * L.batch_size:(b + 1) * L.batch_size]
+                yield (b,) + L._load_batch(ids, reader, self.epoch)
+        finally:
+            reader.close()
+
+
+class WebDatasetLoader(PlannedLoader):
+    """PIL decode + torch DataLoader workers, reading members by offset (random access).
+
+    Args (besides :class:`PlannedLoader`'s): ``num_workers`` DataLoader workers (0: in-process),
+    ``latent_sample`` (latent mode: mean + std * eps with eps seeded by (seed, epoch, sample), else
+    the mean), ``max_pixels`` (larger images are skipped), ``pin_memory``, ``prefetch_factor``.
+    """
+
+    def __init__(self, shards, batch_size: int, *, num_workers: int = 2, latent_sample: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, pin_memory: bool = False,
+                 prefetch_factor: int = 2, **kw):
+        super().__init__(shards, batch_size, **kw)
+        self.num_workers = int(num_workers)
+        self.latent_sample = bool(latent_sample)
+        self.max_pixels = int(max_pixels)
+        self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = int(prefetch_factor)
+
+    def _iter_epoch(self, order, start_batch):
+        ds = _BatchStream(self, order, start_batch, self.epoch)
+        kw = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity,
+                                         num_workers=self.num_workers, pin_memory=False, **kw)
+        for b, arrays, stats, messages in dl:
+            yield b, self._to_torch(arrays), stats, messages
+
+    def _to_torch(self, a: dict) -> dict:
+        out = {"keys": a["keys"], "where": a["where"], "text": a["text"],
+               "rewards": torch.from_numpy(a["rewards"])}
+        if "image" in a:
+            img = torch.from_numpy(a["image"])  # uint8 [B, 3, H, W]
+            out["image"] = img.float().div_(127.5).sub_(1.0)
+        if "latent" in a:
+            out["latent"] = torch.from_numpy(a["latent"])
+        if "text_emb" in a:
+            out["text_emb"] = torch.from_numpy(a["text_emb"])
+            out["text_mask"] = torch.from_numpy(a["text_mask"])
+        if self.pin_memory and torch.cuda.is_available():
+            out = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in out.items()}
+        return out
+
+    def _load_sample(self, i: int, reader: MemberReader, epoch: int) -> dict:
+        di = self.index
+        path = di.shards[di.shard_of[i]]
+        mem = di.members(i)
+        where = di.where(i)
+
+        def get(ext):
+            if ext not in mem:
+                return None
+            off, size, _ = mem[ext]
+            try:
+                return reader.read(path, off, size)
+            except (OSError, EOFError) as e:
+                raise SampleError("read_error", f"{where}: cannot read .{ext} ({e})") from None
+
+        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where)
+        s = {"caption": caption, "rewards": rewards}
+        if self.mode == "image":
+            ext = image_ext(mem)
+            im = decode_image(get(ext), where, min_size=self.resolution, max_pixels=self.max_pixels)
+            s["image"] = resize_center_crop(im, self.resolution).transpose(2, 0, 1)
+        else:
+            mean = _load_npy(get(LATENT_MEAN_EXT), where, LATENT_MEAN_EXT).astype(np.float32)
+            if self.latent_sample:
+                std_b = get(LATENT_STD_EXT)
+                if std_b is None:
+                    raise SampleError("missing_latent_std", f"{where}: no .{LATENT_STD_EXT} member")
+                std = _load_npy(std_b, where, LATENT_STD_EXT).astype(np.float32)
+                if std.shape != mean.shape:
+                    raise SampleError("bad_npy", f"{where}: latent std shape {std.shape} != mean "
+                                      f"shape {mean.shape}")
+                eps = np.random.default_rng([self.seed, epoch, int(i), 0x6C6174]).standard_normal(
+                    mean.shape, dtype=np.float32)
+                mean = mean + std * eps
+            s["latent"] = mean
+        if self.text_embeddings:
+            s["text_emb"], s["text_mask"] = self._text_embedding(get(TEXT_EMB_EXT), get(TEXT_MASK_EXT),
+                                                                 where)
+        return s
+
+    def _load_batch(self, ids: np.ndarray, reader: MemberReader, epoch: int):
+        stats: Counter = Counter()
+        messages: list = []
+        rows = []
+        keys, wheres = [], []
+        for i in ids:
+            i = int(i)
+            try:
+                rows.append(self._load_sample(i, reader, epoch))
+            except SampleError as e:
+                stats[e.reason] += 1
+                messages.append(f"{e} (skipped)")
+                continue
+            keys.append(self.index.key(i))
+            wheres.append(self.index.where(i))
+        out = {"keys": keys, "where": wheres, "text": [r["caption"] for r in rows],
+               "rewards": (np.stack([r["rewards"] for r in rows]) if rows
+                           else np.zeros((0, len(self.reward_keys)), np.float32))}
+        for name in ("image", "latent", "text_emb", "text_mask"):
+            if rows and name in rows[0]:
+                try:
+                    out[name] = np.stack([r[name] for r in rows])
+                except ValueError as e:
+                    raise SampleError("bad_npy", f"samples {wheres[:3]}...: .{name} shapes differ "
+                                      f"within a batch ({e})") from None
+            elif not rows:
+                if name == "image" and self.mode == "image":
+                    out[name] = np.zeros((0, 3, self.resolution, self.resolution), np.uint8)
+        return out, stats, messages

@@ -1,0 +1,175 @@
+"""Which sample goes to which rank, worker and batch, in which order, each epoch.
+
+Every rank builds the same :class:`DatasetIndex` (all shards' indices, in the order the shards are
+given) and the same per-epoch permutation, seeded by ``(seed, epoch)``: each shard's samples are
+permuted, cut into chunks of ``shuffle_chunk`` samples, and the chunks of all shards are permuted
+together. Rank ``r`` takes a contiguous slice of that order, so every sample goes to exactly one
+rank; batches are consecutive runs of ``batch_size`` within the slice, and DataLoader worker ``w``
+loads batches ``w, w + W, ...`` (the order DataLoader returns them in), so the stream a rank sees does
+not depend on the number of workers. With ``drop_last`` each rank gets the same number of full
+batches (the permuted tail, at most ``world * batch_size - 1`` samples, is left out of that epoch);
+without it the slices are ``[r*n//world, (r+1)*n//world)`` and the last batch may be short.
+Chunks keep reads local (DALI reads one chunk per index entry) while still mixing shards in a batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .format import IMAGE_EXTS
+from .tario import ShardIndex, load_index
+
+log = logging.getLogger("miro_scale.data")
+
+
+@dataclass
+class DatasetIndex:
+    """All shards' indices plus the flat list of usable samples (those with every required member,
+    none of them empty)."""
+
+    shards: list
+    indices: list  # ShardIndex per shard
+    shard_of: np.ndarray  # int32 [n]: shard number of usable sample i
+    pos_of: np.ndarray  # int32 [n]: its position in that shard's index
+    skipped: Counter = field(default_factory=Counter)
+    messages: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.shard_of.shape[0])
+
+    def key(self, i: int) -> str:
+        return self.indices[self.shard_of[i]].keys[self.pos_of[i]]
+
+    def members(self, i: int) -> dict:
+        return self.indices[self.shard_of[i]].members[self.pos_of[i]]
+
+    def where(self, i: int) -> str:
+        return f"{self.shards[self.shard_of[i]]}:{self.key(i)}"
+
+
+def resolve_shards(spec) -> list:
+    """Shard paths from a directory (its manifest's shards, else ``*.tar``), a glob, a single
+    ``.tar``, a file listing paths one per line (``.txt``), or a list of any of these."""
+    import glob
+    import json
+
+    if isinstance(spec, (list, tuple)):
+        out = []
+        for s in spec:
+            out.extend(resolve_shards(s))
+        return out
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        man = os.path.join(spec, "manifest.json")
+        if os.path.exists(man):
+            with open(man) as f:
+                names = [e["name"] for e in json.load(f)["shards"]]
+            paths = [os.path.join(spec, n) for n in names]
+            missing = [p for p in paths if not os.path.exists(p)]
+            if missing:
+                raise FileNotFoundError(f"{man} lists shards that do not exist: {missing[:3]}")
+            return paths
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not paths:
+            raise FileNotFoundError(f"{spec}: no .tar shards and no manifest.json")
+        return paths
+    if spec.endswith(".txt") and os.path.isfile(spec):
+        with open(spec) as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    if any(c in spec for c in "*?["):
+        paths = sorted(glob.glob(spec))
+        if not paths:
+            raise FileNotFoundError(f"no shards match {spec}")
+        return paths
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"shard {spec} does not exist")
+    return [spec]
+
+
+def build_dataset_index(shards: Sequence[str], required: Iterable, use_index_files: bool = True,
+                        threads: int = 8) -> DatasetIndex:
+    """Index all shards and keep the samples that have every ``required`` member. ``required`` holds
+    extensions or tuples of alternatives (e.g. ``(IMAGE_EXTS, "txt", "json")``). Samples left out
+    are counted in ``skipped`` by reason (``missing_<ext>``, ``empty_member``) with a message naming
+    shard and key; a truncated tar counts under ``truncated_shard``."""
+    required = [tuple(r) if isinstance(r, (tuple, list)) else (r,) for r in required]
+    shards = list(shards)
+    if not shards:
+        raise ValueError("no shards given")
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as ex:
+        indices = list(ex.map(lambda p: load_index(p, use_index_files), shards))
+    skipped: Counter = Counter()
+    messages: list = []
+    shard_of, pos_of = [], []
+    for s, idx in enumerate(indices):
+        if idx.truncated:
+            skipped["truncated_shard"] += 1
+            messages.append(f"{shards[s]}: truncated or unreadable tar; read up to its last complete member")
+        keep = []
+        for j, mem in enumerate(idx.members):
+            reason = None
+            for alts in required:
+                found = [e for e in alts if e in mem]
+                if not found:
+                    reason = ("missing_image" if alts == tuple(IMAGE_EXTS) else f"missing_{alts[0]}")
+                    break
+                if mem[found[0]][1] == 0:
+                    reason = "empty_member"
+                    missing_ext = found[0]
+                    break
+            if reason is None:
+                keep.append(j)
+            else:
+                skipped[reason] += 1
+                what = f"member .{missing_ext} is empty" if reason == "empty_member" else reason
+                messages.append(f"{shards[s]}:{idx.keys[j]}: skipped ({what})")
+        shard_of.append(np.full(len(keep), s, dtype=np.int32))
+        pos_of.append(np.asarray(keep, dtype=np.int32))
+    di = DatasetIndex(shards=shards, indices=indices,
+                      shard_of=np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32),
+                      pos_of=np.concatenate(pos_of) if pos_of else np.zeros(0, np.int32),
+                      skipped=skipped, messages=messages)
+    return di
+
+
+def epoch_order(dindex: DatasetIndex, seed: int, epoch: int, shuffle: bool = True,
+                shuffle_chunk: int = 64) -> np.ndarray:
+    """The global order of usable sample ids for one epoch (int64 [n])."""
+    n = len(dindex)
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), int(epoch), 0x6D69726F])
+    bounds = np.flatnonzero(np.diff(dindex.shard_of)) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    ends = np.concatenate([bounds, [n]]).astype(np.int64)
+    pieces = []
+    for a, b in zip(starts, ends):
+        if b <= a:
+            continue
+        perm = a + rng.permutation(b - a)
+        for c in range(0, b - a, shuffle_chunk):
+            pieces.append(perm[c:c + shuffle_chunk])
+    if not pieces:
+        return np.zeros(0, np.int64)
+    order = rng.permutation(len(pieces))
+    return np.concatenate([pieces[i] for i in order]).astype(np.int64)
+
+
+def rank_range(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> tuple:
+    """[start, stop) of rank's slice of an epoch's order of n samples."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    if drop_last:
+        per = (n // world_size) // batch_size * batch_size
+        return rank * per, (rank + 1) * per
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def num_batches(n_rank: int, batch_size: int) -> int:
+    return (n_rank + batch_size - 1) // batch_size
