@@ -1,0 +1,451 @@
+"""A synthetic image-text world: procedural shapes with captions in GenEval's categories.
+
+Each sample is a scene graph (background, objects with shape, colour, position and size, and at most
+one spatial relation), rendered with 4x supersampling, captioned from the graph in one of GenEval's
+six categories, then perhaps *mismatched* (the caption's colour, count, position or object changed)
+and perhaps *degraded* (blur, noise, low contrast, JPEG artefacts). Both happen at controlled rates
+with random severities, so pixel-based rewards spread over a range the way they do on web data.
+
+Captions follow GenEval's templates:
+
+=============  =================================================
+single_object  a photo of a circle
+two_object     a photo of a circle and a star
+counting       a photo of three triangles
+colors         a photo of a red circle
+position       a photo of a star left of a square   (left of / right of / above / below)
+color_attr     a photo of a red circle and a blue star
+=============  =================================================
+
+Everything is stored in the sample's json (img2dataset fields plus ``tag``, ``scene``,
+``corruption``, ``mismatch``, ``caption_matches``, ``captions`` {short, long}, ``world``) so that
+reward models and tests can check the pixels against the graph. A sample depends only on
+``(seed, index)``: shard size and worker count do not change it. Images are 64 px by default (any
+size >= 16 works; 32 and 128 are the other tested sizes).
+
+CLI (img2dataset-style shards ``00000.tar`` ... with DALI ``.idx`` files and ``manifest.json``)::
+
+    python -m miro_scale.data.synthetic_world --out DIR --num-samples N --shard-size K \
+        --resolution 64 --seed 0 [--mismatch-rate 0.25] [--degrade-rate 0.3] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import math
+import os
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# GenEval's ten colours; sRGB values shared with miro_scale.rewards.synthetic's detector palette.
+PALETTE = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 220, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "purple": (130, 50, 180),
+    "pink": (245, 130, 190),
+    "brown": (130, 80, 35),
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle", "rectangle", "star", "hexagon", "pentagon", "ellipse", "diamond")
+PLURALS = {s: (s + "s") for s in SHAPES}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TAG_WEIGHTS = (0.15, 0.15, 0.2, 0.15, 0.2, 0.15)
+DEGRADATIONS = ("blur", "noise", "low_contrast", "jpeg")
+WORLD_VERSION = 1
+SUPERSAMPLE = 4
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _np(phrase_words: list) -> str:
+    return " ".join(phrase_words)
+
+
+# ----------------------------------------------------------------------------- scene sampling
+def _background(rng: np.random.Generator) -> dict:
+    """Muted, mid-luminance backgrounds (every palette colour, black and white included, stands out)."""
+    base = rng.uniform(95, 185)
+    tint = rng.normal(0, 14, 3)
+    rgb = np.clip(base + tint, 80, 200).round().astype(int).tolist()
+    kind = rng.choice(["flat", "gradient", "texture"], p=[0.4, 0.4, 0.2]).item()
+    bg = {"kind": kind, "rgb": rgb}
+    if kind == "gradient":
+        rgb2 = np.clip(np.array(rgb) + rng.normal(0, 25, 3), 80, 200).round().astype(int).tolist()
+        bg.update(rgb2=rgb2, angle=float(round(rng.uniform(0, 360), 2)))
+    elif kind == "texture":
+        bg.update(amplitude=float(round(rng.uniform(2, 5), 2)), scale=int(rng.integers(2, 6)))
+    return bg
+
+
+def _place(rng, n: int, sizes: list, constraint=None, tries: int = 200):
+    """Centres (fractions) for n objects of the given sizes (diameter fractions), not overlapping."""
+    for _ in range(tries):
+        pts = []
+        for s in sizes:
+            r = s / 2
+            pts.append((rng.uniform(r + 0.03, 1 - r - 0.03), rng.uniform(r + 0.03, 1 - r - 0.03)))
+        ok = all(math.hypot(pts[i][0] - pts[j][0], pts[i][1] - pts[j][1]) > (sizes[i] + sizes[j]) / 2 + 0.04
+                 for i in range(n) for j in range(i + 1, n))
+        if ok and (constraint is None or constraint(pts)):
+            return pts
+    return None
+
+
+def _relation_holds(rel: str, subj, obj, margin: float = 0.12) -> bool:
+    dx, dy = subj[0] - obj[0], subj[1] - obj[1]  # image y grows downwards
+    if rel == "left of":
+        return dx < -margin and abs(dx) > abs(dy)
+    if rel == "right of":
+        return dx > margin and abs(dx) > abs(dy)
+    if rel == "above":
+        return dy < -margin and abs(dy) > abs(dx)
+    return dy > margin and abs(dy) > abs(dx)
+
+
+def sample_scene(rng: np.random.Generator, resolution: int) -> tuple:
+    """Returns (tag, scene, caption_spec)."""
+    tag = TAGS[rng.choice(len(TAGS), p=TAG_WEIGHTS)]
+    bg = _background(rng)
+    relations = []
+    if tag in ("single_object", "colors"):
+        shapes = [rng.choice(SHAPES).item()]
+        colours = [rng.choice(COLOURS).item()]
+        sizes = [rng.uniform(0.3, 0.55)]
+    elif tag == "counting":
+        n = int(rng.integers(2, 5))
+        shapes = [rng.choice(SHAPES).item()] * n
+        same = rng.random() < 0.5
+        c0 = rng.choice(COLOURS).item()
+        colours = [c0 if same else rng.choice(COLOURS).item() for _ in range(n)]
+        sizes = [rng.uniform(0.16, 0.24) if n > 2 else rng.uniform(0.2, 0.3) for _ in range(n)]
+    else:  # two objects: two_object, position, color_attr
+        s = rng.choice(len(SHAPES), 2, replace=False)
+        shapes = [SHAPES[s[0]], SHAPES[s[1]]]
+        if tag == "color_attr":
+            c = rng.choice(len(COLOURS), 2, replace=False)
+            colours = [COLOURS[c[0]], COLOURS[c[1]]]
+        else:
+            colours = [rng.choice(COLOURS).item(), rng.choice(COLOURS).item()]
+        sizes = [rng.uniform(0.22, 0.34), rng.uniform(0.22, 0.34)]
+    constraint = None
+    if tag == "position":
+        rel = rng.choice(RELATIONS).item()
+        relations = [{"subject": 0, "relation": rel, "object": 1}]
+        constraint = lambda pts: _relation_holds(rel, pts[0], pts[1])  # noqa: E731
+    pts = _place(rng, len(shapes), sizes, constraint)
+    while pts is None:  # shrink until it fits (rare)
+        sizes = [s * 0.85 for s in sizes]
+        pts = _place(rng, len(shapes), sizes, constraint)
+    objects = []
+    for shp, col, sz, (cx, cy) in zip(shapes, colours, sizes, pts):
+        aspect = 1.0
+        if shp in ("rectangle", "ellipse"):
+            aspect = float(rng.uniform(0.45, 0.65))
+        angle = 0.0
+        if shp in ("triangle", "star", "pentagon", "hexagon"):
+            angle = float(rng.uniform(-12, 12))
+        if shp in ("rectangle", "ellipse") and rng.random() < 0.5:
+            angle = 90.0  # tall instead of wide
+        jitter = rng.integers(-8, 9, 3)
+        rgb = np.clip(np.array(PALETTE[col]) + jitter, 0, 255).astype(int).tolist()
+        half = sz / 2
+        objects.append({"shape": shp, "color": col, "rgb": rgb, "cx": round(float(cx), 4),
+                        "cy": round(float(cy), 4), "size": round(float(sz), 4), "aspect": round(aspect, 4),
+                        "angle": round(angle, 2),
+                        "bbox": [round(float(cx - half), 4), round(float(cy - half), 4),
+                                 round(float(cx + half), 4), round(float(cy + half), 4)]})
+    scene = {"width": resolution, "height": resolution, "background": bg, "objects": objects,
+             "relations": relations}
+    return tag, scene
+
+
+# ----------------------------------------------------------------------------- captions
+def caption_for(tag: str, scene: dict, overrides: dict | None = None) -> str:
+    """GenEval-style caption of the scene; ``overrides`` replace parts (used for mismatches):
+    ``color`` {obj index: colour}, ``shape`` {obj index: shape}, ``count`` int, ``relation`` str."""
+    o = overrides or {}
+    objs = scene["objects"]
+    col = lambda i: o.get("color", {}).get(i, objs[i]["color"])  # noqa: E731
+    shp = lambda i: o.get("shape", {}).get(i, objs[i]["shape"])  # noqa: E731
+    if tag == "single_object":
+        return f"a photo of {_article(shp(0))} {shp(0)}"
+    if tag == "colors":
+        return f"a photo of {_article(col(0))} {col(0)} {shp(0)}"
+    if tag == "counting":
+        n = o.get("count", len(objs))
+        if n == 1:
+            return f"a photo of {_article(shp(0))} {shp(0)}"
+        return f"a photo of {NUMBER_WORDS.get(n, str(n))} {PLURALS[shp(0)]}"
+    if tag == "two_object":
+        return f"a photo of {_article(shp(0))} {shp(0)} and {_article(shp(1))} {shp(1)}"
+    if tag == "color_attr":
+        return (f"a photo of {_article(col(0))} {col(0)} {shp(0)} and "
+                f"{_article(col(1))} {col(1)} {shp(1)}")
+    if tag == "position":
+        r = scene["relations"][0]
+        rel = o.get("relation", r["relation"])
+        s, b = r["subject"], r["object"]
+        return f"a photo of {_article(shp(s))} {shp(s)} {rel} {_article(shp(b))} {shp(b)}"
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+def _where_words(cx: float, cy: float) -> str:
+    v = "top" if cy < 0.38 else ("bottom" if cy > 0.62 else "middle")
+    h = "left" if cx < 0.38 else ("right" if cx > 0.62 else "centre")
+    if v == "middle" and h == "centre":
+        return "in the centre"
+    if v == "middle":
+        return f"on the {h}"
+    if h == "centre":
+        return f"at the {v}"
+    return f"at the {v} {h}"
+
+
+def long_caption(scene: dict) -> str:
+    """A dense, always-true description of the scene graph."""
+    bg = scene["background"]
+    kind = {"flat": "plain", "gradient": "gradient", "texture": "textured"}[bg["kind"]]
+    parts = [f"{_article(o['color'])} {o['color']} {o['shape']} {_where_words(o['cx'], o['cy'])}"
+             for o in scene["objects"]]
+    n = len(parts)
+    text = (f"{NUMBER_WORDS.get(n, str(n)).capitalize()} shape{'s' if n > 1 else ''} on a {kind} "
+            f"background: " + ", ".join(parts) + ".")
+    for r in scene["relations"]:
+        s, b = scene["objects"][r["subject"]], scene["objects"][r["object"]]
+        text += f" The {s['shape']} is {r['relation']} the {b['shape']}."
+    return text
+
+
+def mismatch(tag: str, scene: dict, rng: np.random.Generator) -> tuple:
+    """A wrong caption for the scene: (caption, record). The record names what was changed."""
+    objs = scene["objects"]
+    if tag in ("colors", "color_attr"):
+        i = int(rng.integers(len(objs)))
+        used = {o["color"] for o in objs}
+        wrong = rng.choice([c for c in COLOURS if c not in used]).item()
+        return (caption_for(tag, scene, {"color": {i: wrong}}),
+                {"type": "color", "object": i, "true": objs[i]["color"], "caption": wrong})
+    if tag == "counting":
+        n = len(objs)
+        wrong = int(rng.choice([k for k in (1, 2, 3, 4) if k != n]))
+        return (caption_for(tag, scene, {"count": wrong}),
+                {"type": "count", "true": n, "caption": wrong})
+    if tag == "position":
+        true = scene["relations"][0]["relation"]
+        return (caption_for(tag, scene, {"relation": OPPOSITE[true]}),
+                {"type": "position", "true": true, "caption": OPPOSITE[true]})
+    # single_object / two_object: name a shape that is not in the picture
+    i = int(rng.integers(len(objs)))
+    used = {o["shape"] for o in objs}
+    wrong = rng.choice([s for s in SHAPES if s not in used]).item()
+    return (caption_for(tag, scene, {"shape": {i: wrong}}),
+            {"type": "object", "object": i, "true": objs[i]["shape"], "caption": wrong})
+
+
+# ----------------------------------------------------------------------------- rendering
+def _shape_points(shape: str, cx: float, cy: float, r: float, aspect: float, angle: float) -> list:
+    def poly(k, start=-90.0, radii=None):
+        pts = []
+        for j in range(k):
+            rad = r if radii is None else radii[j % len(radii)]
+            t = math.radians(start + angle + 360.0 * j / k)
+            pts.append((cx + rad * math.cos(t), cy + rad * math.sin(t)))
+        return pts
+
+    if shape == "triangle":
+        return poly(3)
+    if shape == "pentagon":
+        return poly(5)
+    if shape == "hexagon":
+        return poly(6, start=0.0)
+    if shape == "star":
+        return poly(10, radii=[r, r * 0.45])
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "square":
+        h = r * 0.82
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "rectangle":
+        hw, hh = r * 0.95, r * 0.95 * aspect
+        if angle == 90.0:
+            hw, hh = hh, hw
+        return [(cx - hw, cy - hh), (cx + hw, cy - hh), (cx + hw, cy + hh), (cx - hw, cy + hh)]
+    raise ValueError(shape)
+
+
+def render_scene(scene: dict, rng: np.random.Generator) -> Image.Image:
+    """Render the clean image (RGB, scene's resolution)."""
+    res = scene["width"]
+    S = res * SUPERSAMPLE
+    bg = scene["background"]
+    if bg["kind"] == "gradient":
+        t = math.radians(bg["angle"])
+        ys, xs = np.mgrid[0:S, 0:S] / (S - 1)
+        u = (xs - 0.5) * math.cos(t) + (ys - 0.5) * math.sin(t)
+        u = (u - u.min()) / max(u.max() - u.min(), 1e-6)
+        a = np.array(bg["rgb"], np.float32) * (1 - u[..., None]) + np.array(bg["rgb2"], np.float32) * u[..., None]
+    else:
+        a = np.broadcast_to(np.array(bg["rgb"], np.float32), (S, S, 3)).copy()
+    if bg["kind"] == "texture":
+        cells = max(2, res // bg["scale"])
+        noise = rng.normal(0, bg["amplitude"], (cells, cells, 1)).astype(np.float32)
+        noise = np.asarray(Image.fromarray(noise[..., 0]).resize((S, S), Image.BICUBIC))[..., None]
+        a = a + noise
+    im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(im)
+    for o in scene["objects"]:
+        cx, cy, r = o["cx"] * S, o["cy"] * S, o["size"] * S / 2
+        fill = tuple(o["rgb"])
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o["shape"] == "ellipse":
+            rx, ry = r, r * o["aspect"]
+            if o["angle"] == 90.0:
+                rx, ry = ry, rx
+            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
+        else:
+            draw.polygon(_shape_points(o["shape"], cx, cy, r, o["aspect"], o["angle"]), fill=fill)
+    return im.resize((res, res), Image.LANCZOS)
+
+
+def degrade(im: Image.Image, rng: np.random.Generator) -> tuple:
+    """Apply one random degradation; returns (image, record, jpeg quality or None)."""
+    kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
+    res = im.size[0]
+    if kind == "blur":
+        radius = float(round(rng.uniform(0.6, 2.5) * res / 64, 3))
+        return im.filter(ImageFilter.GaussianBlur(radius)), {"type": "blur", "radius": radius}, None
+    if kind == "noise":
+        sigma = float(round(rng.uniform(8, 45), 2))
+        a = np.asarray(im, np.float32) + rng.normal(0, sigma, (res, res, 3)).astype(np.float32)
+        return (Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "RGB"),
+                {"type": "noise", "sigma": sigma}, None)
+    if kind == "low_contrast":
+        factor = float(round(rng.uniform(0.15, 0.55), 3))
+        a = np.asarray(im, np.float32)
+        m = a.mean(axis=(0, 1), keepdims=True)
+        return (Image.fromarray(np.clip(m + (a - m) * factor + 0.5, 0, 255).astype(np.uint8), "RGB"),
+                {"type": "low_contrast", "factor": factor}, None)
+    quality = int(rng.integers(3, 16))
+    return im, {"type": "jpeg", "quality": quality}, quality
+
+
+def make_sample(index: int, seed: int = 0, resolution: int = 64, mismatch_rate: float = 0.25,
+                degrade_rate: float = 0.3, image_format: str = "jpg") -> tuple:
+    """Sample ``index`` of the world ``seed``: ``(key, {"jpg"|"png": bytes, "txt": str, "json": dict})``."""
+    if resolution < 16:
+        raise ValueError(f"resolution must be >= 16, got {resolution}")
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    rng = np.random.default_rng([int(seed), int(index), WORLD_VERSION])
+    tag, scene = sample_scene(rng, resolution)
+    true_caption = caption_for(tag, scene)
+    mis = None
+    caption = true_caption
+    if rng.random() < mismatch_rate:
+        caption, mis = mismatch(tag, scene, rng)
+        mis["true_caption"] = true_caption
+    im = render_scene(scene, rng)
+    corruption = []
+    quality = None
+    if rng.random() < degrade_rate:
+        im, rec, quality = degrade(im, rng)
+        corruption.append(rec)
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        im.save(buf, "JPEG", quality=quality or 95, subsampling=0 if quality is None else 2)
+    else:
+        if quality is not None:  # JPEG artefacts in a PNG: round-trip through JPEG first
+            tmp = io.BytesIO()
+            im.save(tmp, "JPEG", quality=quality)
+            im = Image.open(io.BytesIO(tmp.getvalue())).convert("RGB")
+        im.save(buf, "PNG", optimize=False)
+    data = buf.getvalue()
+    key = f"{index:09d}"
+    meta = {
+        "key": key, "status": "success", "caption": caption,
+        "url": f"synthetic://shapes/v{WORLD_VERSION}/seed={seed}/{index}",
+        "width": resolution, "height": resolution,
+        "original_width": resolution, "original_height": resolution,
+        "exif": None, "sha256": hashlib.sha256(data).hexdigest(), "error_message": None,
+        "tag": tag, "scene": scene, "corruption": corruption, "mismatch": mis,
+        "caption_matches": mis is None,
+        "captions": {"short": true_caption, "long": long_caption(scene)},
+        "world": {"version": WORLD_VERSION, "seed": int(seed), "index": int(index)},
+    }
+    return key, {image_format: data, "txt": caption, "json": meta}
+
+
+def _make(args):
+    return make_sample(*args)
+
+
+def generate(out_dir: str, num_samples: int, shard_size: int = 1000, resolution: int = 64, seed: int = 0,
+             mismatch_rate: float = 0.25, degrade_rate: float = 0.3, image_format: str = "jpg",
+             workers: int = 1, start_index: int = 0, progress: bool = True) -> list:
+    """Write ``num_samples`` samples as shards of ``shard_size`` into ``out_dir``; returns the
+    manifest entries. Identical output for any ``workers``."""
+    from .writer import ShardWriter
+
+    tasks: Iterable = ((start_index + i, seed, resolution, mismatch_rate, degrade_rate, image_format)
+                       for i in range(num_samples))
+    extra = {"synthetic_world": {"version": WORLD_VERSION, "seed": seed, "resolution": resolution,
+                                 "mismatch_rate": mismatch_rate, "degrade_rate": degrade_rate,
+                                 "image_format": image_format}}
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork").Pool(workers)
+        results = pool.imap(_make, tasks, chunksize=16)
+    else:
+        results = map(_make, tasks)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=num_samples, desc="synthetic world", unit="img")
+    try:
+        with ShardWriter(out_dir, max_samples=shard_size, manifest_extra=extra) as w:
+            for key, members in results:
+                w.write(key, members)
+        return w.entries
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (32, 64, 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mismatch-rate", type=float, default=0.25, help="share of wrong captions")
+    p.add_argument("--degrade-rate", type=float, default=0.3, help="share of degraded images")
+    p.add_argument("--format", default="jpg", choices=["jpg", "png"])
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    p.add_argument("--start-index", type=int, default=0)
+    a = p.parse_args(argv)
+    entries = generate(a.out, a.num_samples, a.shard_size, a.resolution, a.seed, a.mismatch_rate,
+                       a.degrade_rate, a.format, a.workers, a.start_index)
+    print(f"wrote {sum(e['num_samples'] for e in entries)} samples in {len(entries)} shards to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
