@@ -1,0 +1,148 @@
+"""Torch (PIL) loader: batch format, exactly-once over ranks x workers, seeded shuffles, exact resume,
+latents and text embeddings."""
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from miro_scale.data._testing import simple_dataset
+from miro_scale.data.loader import WebDatasetLoader
+from miro_scale.data.plan import epoch_order, rank_range
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    simple_dataset(str(d), 53, 10, latents=True, text_emb=True)  # 6 shards, the last short
+    return str(d)
+
+
+def keys_of(loader):
+    return [k for b in loader for k in b["keys"]]
+
+
+def test_batch_format(ds):
+    L = WebDatasetLoader(ds, 8, resolution=32, reward_keys=["b", "a"], num_workers=0, drop_last=False)
+    b = next(iter(L))
+    assert b["image"].shape == (8, 3, 32, 32) and b["image"].dtype == torch.float32
+    assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert b["rewards"].shape == (8, 2) and b["rewards"].dtype == torch.float32
+    assert len(b["text"]) == len(b["keys"]) == 8
+    for k, t, r in zip(b["keys"], b["text"], b["rewards"]):
+        i = int(k[1:])
+        assert t == f"caption {i}"
+        # reward order follows reward_keys: "b" first (bin (7i+3)%64), then "a" (bin 7i%64)
+        assert r[0].item() == pytest.approx(((i * 7 + 3) % 64) / 63)
+        assert r[1].item() == pytest.approx(((i * 7) % 64) / 63)
+    assert len(L) == 7
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (3, 2), (4, 3)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_exactly_once_over_ranks_and_workers(ds, world, workers, drop_last):
+    B = 4
+    seen = collections.Counter()
+    per_rank = []
+    for rank in range(world):
+        L = WebDatasetLoader(ds, B, resolution=16, reward_keys=["a"], rank=rank, world_size=world,
+                             num_workers=workers, drop_last=drop_last, seed=3)
+        ks = keys_of(L)
+        per_rank.append(len(ks))
+        seen.update(ks)
+        assert len(L) == (len(ks) + B - 1) // B
+    assert max(seen.values()) == 1, "a sample was seen twice in one epoch"
+    if drop_last:
+        assert len(set(per_rank)) == 1 and per_rank[0] % B == 0
+        assert sum(per_rank) == 53 // world // B * B * world
+    else:
+        assert sum(seen.values()) == 53
+
+
+def test_order_independent_of_workers_and_seeded_per_epoch(ds):
+    runs = {}
+    for w in (0, 1, 3):
+        L = WebDatasetLoader(ds, 5, resolution=16, num_workers=w, drop_last=False, seed=7)
+        runs[w] = (keys_of(L), keys_of(L))  # epochs 0 and 1
+    assert runs[0] == runs[1] == runs[3]
+    e0, e1 = runs[0]
+    assert sorted(e0) == sorted(e1) and e0 != e1, "epochs must be shuffled differently"
+    L2 = WebDatasetLoader(ds, 5, resolution=16, num_workers=0, drop_last=False, seed=8)
+    assert keys_of(L2) != e0
+    L3 = WebDatasetLoader(ds, 5, resolution=16, num_workers=0, drop_last=False, shuffle=False)
+    assert keys_of(L3) == sorted(e0)
+
+
+def test_shuffle_mixes_shards_within_batches(ds):
+    L = WebDatasetLoader(ds, 16, resolution=16, num_workers=0, shuffle_chunk=4, seed=1)
+    b = next(iter(L))
+    shards = {int(k[1:]) // 10 for k in b["keys"]}
+    assert len(shards) >= 3
+
+
+@pytest.mark.parametrize("stop_after,workers_after", [(3, 0), (5, 2)])
+def test_resume_mid_epoch_exactly(ds, stop_after, workers_after):
+    mk = lambda w: WebDatasetLoader(ds, 4, resolution=16, reward_keys=["a"], num_workers=w,  # noqa: E731
+                                    drop_last=False, seed=11, mode="latent")
+    ref = mk(0)
+    ref_batches = [b for b in ref] + [b for b in ref]  # two epochs
+    L = mk(2)
+    L.set_epoch(0)
+    it = iter(L)
+    got = [next(it) for _ in range(stop_after)]
+    state = L.state_dict()
+    assert state["batch_in_epoch"] == stop_after and state["epoch"] == 0
+    del it
+    R = mk(workers_after)
+    R.load_state_dict(state)
+    got += [b for b in R] + [b for b in R]
+    assert [b["keys"] for b in got] == [b["keys"] for b in ref_batches]
+    for a, b in zip(got, ref_batches):  # sampled latents are reproducible too
+        assert torch.equal(a["latent"], b["latent"])
+    assert R.epoch == 2
+
+
+def test_state_mismatch_is_refused(ds):
+    L = WebDatasetLoader(ds, 4, resolution=16, num_workers=0)
+    st = L.state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        WebDatasetLoader(ds, 8, resolution=16, num_workers=0).load_state_dict(st)
+
+
+def test_latents_and_text_embeddings(ds):
+    L = WebDatasetLoader(ds, 6, mode="latent", text_embeddings=True, max_text_len=6,
+                         latent_sample=False, num_workers=0, drop_last=False)
+    for b in L:
+        assert "image" not in b
+        assert b["latent"].shape[1:] == (4, 4, 4) and b["latent"].dtype == torch.float32
+        assert b["text_emb"].shape[1:] == (6, 8) and b["text_mask"].dtype == torch.bool
+        for k, lat, emb, m in zip(b["keys"], b["latent"], b["text_emb"], b["text_mask"]):
+            i = int(k[1:])
+            assert torch.all(lat == i)
+            n = 3 + i % 5
+            assert m.sum().item() == min(n, 6) and m[:min(n, 6)].all()
+            assert torch.all(emb[m] == i) and torch.all(emb[~m] == 0)
+    S = WebDatasetLoader(ds, 6, mode="latent", latent_sample=True, num_workers=0, seed=0)
+    lat = next(iter(S))["latent"]
+    assert lat.std() > 0.1  # mean + 0.5 * eps
+
+
+def test_plan_partitions():
+    # rank ranges tile [0, n) (no drop) and give equal full batches (drop)
+    for n in (0, 1, 7, 100, 101):
+        for world in (1, 2, 3, 8):
+            spans = [rank_range(n, r, world, 4, False) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            d = [rank_range(n, r, world, 4, True) for r in range(world)]
+            assert len({b - a for a, b in d}) == 1 and (d[0][1] - d[0][0]) % 4 == 0
+
+
+def test_epoch_order_is_a_permutation(ds):
+    L = WebDatasetLoader(ds, 4, num_workers=0)
+    o = epoch_order(L.index, 0, 5, True, 3)
+    assert sorted(o.tolist()) == list(range(53))
+    assert not np.array_equal(o, epoch_order(L.index, 0, 6, True, 3))
+    assert np.array_equal(o, epoch_order(L.index, 0, 5, True, 3))
