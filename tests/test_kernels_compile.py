@@ -1,0 +1,107 @@
+"""The kernels as torch.library ops: opcheck, torch.compile without graph breaks, autocast.
+
+Runs in the TRITON_INTERPRET=1 child of tests/test_kernels_interpreter.py, so the compiled graphs
+call the real Triton kernels (interpreted) on CPU tensors.
+"""
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py", allow_module_level=True)
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.library import opcheck
+
+import kernels
+from kernels.qk_norm import qk_norm_backward_op, qk_norm_op
+from kernels.rms_norm import rms_norm_backward_op, rms_norm_op
+from kernels.swiglu import swiglu_backward_op, swiglu_op, swiglu_packed_backward_op, swiglu_packed_op
+
+EPS = 1e-6
+
+
+def _requiring_grad(*tensors):
+    return tuple(t.requires_grad_() if t.is_floating_point() else t for t in tensors)
+
+
+def _packed_qk(dtype=torch.float32):
+    qkv = torch.randn(2, 5, 3, 4, 32, dtype=dtype)
+    return qkv[:, :, 0], qkv[:, :, 1].transpose(1, 2)
+
+
+def op_cases():
+    q, k = _packed_qk()
+    yield "rms_norm", rms_norm_op, (*_requiring_grad(torch.randn(3, 5, 96), torch.randn(96)), EPS)
+    yield "rms_norm_backward", rms_norm_backward_op, (torch.randn(3, 5, 96), torch.randn(3, 5, 96), torch.randn(96), EPS)
+    yield "qk_norm_rms", qk_norm_op, (*_requiring_grad(q.clone(), k.clone(), torch.randn(32), torch.randn(32)), EPS, None, None, "rms")
+    yield "qk_norm_layer", qk_norm_op, (*_requiring_grad(q, k, *torch.randn(2, 32)), EPS, *_requiring_grad(*torch.randn(2, 32)), "layer")
+    yield "qk_norm_backward", qk_norm_backward_op, (torch.randn(q.shape), torch.randn(k.shape), q.detach(), k.detach(), torch.randn(32), torch.randn(32), EPS, "layer")
+    yield "swiglu", swiglu_op, _requiring_grad(torch.randn(4, 3, 96), torch.randn(4, 3, 96))
+    yield "swiglu_backward", swiglu_backward_op, (torch.randn(4, 96), torch.randn(4, 96), torch.randn(4, 96))
+    yield "swiglu_packed", swiglu_packed_op, _requiring_grad(torch.randn(4, 3, 192))
+    yield "swiglu_packed_backward", swiglu_packed_backward_op, (torch.randn(4, 96), torch.randn(4, 192))
+
+
+@pytest.mark.parametrize("name,op,args", list(op_cases()), ids=[c[0] for c in op_cases()])
+def test_opcheck(name, op, args):
+    """Schema, fake impl vs real (shapes, strides, dtypes), autograd registration, AOT dispatch."""
+    opcheck(op, args)
+
+
+def test_fake_impls_give_output_shapes_without_running_kernels():
+    with FakeTensorMode():
+        x = torch.empty(64, 256, 3, 16, 64, dtype=torch.bfloat16)
+        q, k = x[:, :, 0], x[:, :, 1]
+        assert rms_norm_op(torch.empty(8, 4096), torch.empty(4096), EPS).shape == (8, 4096)
+        assert [t.shape for t in qk_norm_op(q, k, torch.empty(64), torch.empty(64), EPS, None, None, "rms")] == [
+            (64, 256, 16, 64)
+        ] * 2
+        assert swiglu_packed_op(torch.empty(8, 2 * 5120)).shape == (8, 5120)
+        assert swiglu_op(torch.empty(8, 96), torch.empty(8, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def tiny_block(x, norm_w, q_w, k_w, q_b, k_b):
+    """rms_norm -> packed qkv -> qk_norm -> swiglu_packed, as the model chains them."""
+    h = kernels.rms_norm(x, norm_w, EPS)
+    batch, tokens, width = h.shape
+    qkv = torch.cat([h, h.flip(-1), h], -1).view(batch, tokens, 3, 3, width // 3)
+    q, k = kernels.qk_norm(qkv[:, :, 0], qkv[:, :, 1], q_w, k_w, EPS, q_b, k_b, kind="layer")
+    return kernels.swiglu_packed(torch.cat([q, k], -1)).square().mean()
+
+
+def _block_inputs():
+    torch.manual_seed(0)
+    return _requiring_grad(torch.randn(2, 8, 96), torch.randn(96), *torch.randn(4, 32))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """fullgraph=True fails on any graph break; the ops stay opaque, so compiled == eager bitwise."""
+    inputs = _block_inputs()
+    eager = torch.autograd.grad(tiny_block(*inputs), inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_block, backend=backend, fullgraph=True)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_autocast_bf16_matches_reference_path(monkeypatch):
+    """Under autocast the linear hands bf16 activations to fp32-weight norms: mixed dtypes."""
+    inputs = _block_inputs()
+    proj = torch.nn.Linear(96, 96)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = tiny_block(proj(inputs[0]), *inputs[1:])
+        return loss, torch.autograd.grad(loss, (*inputs, proj.weight))
+
+    fused_loss, fused_grads = run()
+    monkeypatch.setattr(kernels, "runs_triton", lambda t: False)
+    ref_loss, ref_grads = run()
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=2e-2, atol=2e-2)
+    for a, b in zip(fused_grads, ref_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
