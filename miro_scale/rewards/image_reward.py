@@ -243,3 +243,21 @@ class ImageRewardReward(Reward):
                            return_tensors="pt")
         return self.model.score_embeds(features, t["input_ids"].to(self.device),
                                        t["attention_mask"].to(self.device)).float()
+
+
+def tiny_bert_tokenizer():
+    """A WordPiece tokenizer over a small built-in vocabulary (tests and random-weight benchmarks);
+    ids stay below 30524 so they fit the full-size embedding too."""
+    import tempfile
+    from transformers import BertTokenizer
+    words = ("a an the of and photo image picture two three four one left right above below on top under "
+             "red green blue yellow orange purple pink cyan brown white black gray circle circles square "
+             "squares triangle triangles star stars hexagon rectangle ellipse diamond pentagon cat dog "
+             "with next to in front behind big small").split()
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(10)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    vocab += ["##s", "##es", "##ed", "##ing"] + list("abcdefghijklmnopqrstuvwxyz0123456789") + \
+        ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + list(".,!?'\"-")
+    f = tempfile.NamedTemporaryFile("w", suffix="-vocab.txt", delete=False)
+    f.write("\n".join(dict.fromkeys(vocab)) + "\n")
+    f.close()
+    return BertTokenizer(vocab_file=f.name, do_lower_case=True)
