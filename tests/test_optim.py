@@ -1,0 +1,80 @@
+import math
+
+import torch
+
+from miro_scale.config import OptimConfig
+from miro_scale.flow import MiroFlowModel
+from miro_scale.train.optim import EMA, build_optimizer, lr_multiplier, parameter_groups
+
+
+def lamb_published_step(params, grads, state, step, lr, beta1, beta2, eps, weight_decay):
+    """The LAMB update as published and released: bias-corrected Adam step, L2 decay added to it,
+    trust ratio ||w|| / ||update|| (1 where either norm is 0), applied only when decay is on."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m, v = state.setdefault(i, (torch.zeros_like(p), torch.zeros_like(p)))
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        update = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + eps)
+        trust = 1.0
+        if weight_decay > 0:
+            update = update + weight_decay * p
+            w_norm, u_norm = p.norm(), update.norm()
+            trust = (w_norm / u_norm) if (w_norm > 0 and u_norm > 0) else 1.0
+        p.sub_(lr * trust * update)
+
+
+def test_lamb_matches_the_published_update_rule():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    reference = [p.detach().clone() for p in model.parameters()]
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    decay_ids = {id(p) for p in opt.param_groups[0]["params"]}
+    wd = [cfg.weight_decay if id(p) in decay_ids else 0.0 for p in model.parameters()]
+    states = [{} for _ in reference]
+    for step in range(1, 6):
+        x = torch.randn(4, 6)
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for i, (p, g) in enumerate(zip(reference, grads)):
+            lamb_published_step([p], [g], states[i], step, cfg.lr, 0.9, 0.999, cfg.eps, wd[i])
+    for ours, ref in zip(model.parameters(), reference):
+        torch.testing.assert_close(ours.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_norms_biases_and_embeddings_get_no_decay(tiny_cfg):
+    cfg = tiny_cfg()
+    model = MiroFlowModel(cfg.model, cfg.flow)
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    for expected in ["net.data_pos_embedding", "net.latents", "net.text_registers",
+                     "net.coherence_positional_embedding", "net.data_ln.weight", "net.patch_extractor.bias",
+                     "net.rin_blocks.0.retrieve_cond.ca.q_norm.weight", "net.transformers_blocks.0.layer_scale_1"]:
+        assert expected in no_decay_names, expected
+    assert "net.patch_extractor.weight" in decay_names and "net.rin_blocks.0.writer_ca.ca.kv.weight" in decay_names
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+    assert len(no_decay_names) + len(decay_names) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine_with_rate():
+    assert lr_multiplier(0, 100, 1000, 0.8) == 0.0
+    assert lr_multiplier(50, 100, 1000, 0.8) == 0.5
+    assert lr_multiplier(100, 100, 1000, 0.8) == 1.0
+    assert math.isclose(lr_multiplier(1000, 100, 1000, 0.8), 0.5 * (1 + math.cos(0.8 * math.pi)))
+
+
+def test_ema_tracks_parameters():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model, step=1)
+    torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
+    target = torch.nn.Linear(2, 2)
+    ema.copy_to(target)
+    torch.testing.assert_close(target.weight.detach(), start + 1.0)

@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from miro_scale.config import config_from_dict
+from miro_scale.train.checkpoint import latest_checkpoint
+from miro_scale.train.trainer import NonFiniteLossError, Trainer
+from tests.conftest import ROOT, tiny_config_dict
+
+
+def test_launcher_trains_logs_and_checkpoints(tmp_path):
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps(tiny_config_dict(train={"output_dir": str(tmp_path / "run")})))
+    proc = subprocess.run([sys.executable, "launchers/train.py", "--config", str(cfg_path), "--set",
+                           "train.steps=3"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3] and all(l["loss"] > 0 for l in lines)
+    assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000003"
+    assert any((tmp_path / "run/tensorboard").iterdir())
+
+
+def test_launcher_rejects_bad_config_before_training(tmp_path):
+    cfg_path = tmp_path / "bad.json"
+    cfg_path.write_text(json.dumps(tiny_config_dict(optim={"lr": -1.0})))
+    proc = subprocess.run([sys.executable, "launchers/train.py", "--config", str(cfg_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "optim.lr: must be > 0" in proc.stderr
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "a")})))
+    full = [straight.train_step()["loss"] for _ in range(4)]
+
+    cfg = config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "b")}))
+    first = Trainer(cfg)
+    part = [first.train_step()["loss"] for _ in range(2)]
+    first.save()
+    del first
+    resumed = Trainer(cfg)  # picks up `latest`
+    assert resumed.step == 2
+    part += [resumed.train_step()["loss"] for _ in range(2)]
+    assert part == full  # bit-exact on the CPU
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "c")}))
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    class PoisonedStream:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __next__(self):
+            batch = next(self.stream)
+            batch["latents"][0, 0, 0, 0] = float("nan")
+            return batch
+
+    trainer.data = PoisonedStream(trainer.data)
+    metrics = trainer.train_step()
+    assert metrics["skipped"] == 1.0 and trainer.nonfinite_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    monkeypatch.setattr("miro_scale.train.trainer.MAX_CONSECUTIVE_NONFINITE", 3)
+    trainer.train_step()
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        trainer.train_step()
