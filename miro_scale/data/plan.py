@@ -111,6 +111,9 @@ def build_dataset_index(shards: Sequence[str], required: Iterable, use_index_fil
         if idx.truncated:
             skipped["truncated_shard"] += 1
             messages.append(f"{shards[s]}: truncated or unreadable tar; read up to its last complete member")
+        if idx.cut_key is not None:
+            skipped["truncated_sample"] += 1
+            messages.append(f"{shards[s]}:{idx.cut_key}: skipped (its members are cut by the tar's end)")
         keep = []
         for j, mem in enumerate(idx.members):
             reason = None

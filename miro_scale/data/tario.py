@@ -27,6 +27,7 @@ class ShardIndex:
     keys: list = field(default_factory=list)
     members: list = field(default_factory=list)  # list[Members], parallel to keys
     truncated: bool = False
+    cut_key: str | None = None  # the sample a truncation cut (left out of the index)
     source: str = "scan"  # "idx" or "scan"
 
     def __len__(self) -> int:
@@ -107,12 +108,16 @@ def scan_tar(tar_path: str) -> ShardIndex:
                     break
                 if not ti.isreg():
                     continue
+                key, ext = split_member_name(ti.name)
                 if ti.offset_data + ti.size > file_size:
                     idx.truncated = True
+                    if idx.keys and idx.keys[-1] == key:  # drop the sample's earlier members too
+                        idx.keys.pop()
+                        idx.members.pop()
+                    idx.cut_key = key
                     log.warning("%s: tar is truncated inside member %s; indexed %d samples",
                                 tar_path, ti.name, len(idx.keys))
                     break
-                key, ext = split_member_name(ti.name)
                 if not key or key.endswith("/"):
                     continue
                 if key != last_key:
@@ -123,10 +128,6 @@ def scan_tar(tar_path: str) -> ShardIndex:
     except tarfile.ReadError as e:  # not a tar at all (or empty file)
         idx.truncated = True
         log.warning("%s: cannot be read as a tar (%s); no samples", tar_path, e)
-    if idx.truncated:
-        # a sample whose members were cut is only partly listed: keep it, the loader's checks
-        # (missing member) will skip it with a warning.
-        pass
     return idx
 
 
