@@ -1,0 +1,179 @@
+"""Calibration and binning: strategies, ties, constant/empty rewards, missing policies, bins.json, CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from miro_scale.rewards import binning
+from miro_scale.rewards.binning import apply_bins, compute_edges, fit_bins, load_bins, save_bins
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(**cols):
+    n = len(next(iter(cols.values())))
+    base = {"key": [f"k{i:05d}" for i in range(n)], "status": ["ok"] * n, "error": [None] * n}
+    return pa.table({**base, **{k: pa.array(np.asarray(v, np.float32)) for k, v in cols.items()}})
+
+
+def test_quantile_bins_are_equal_population():
+    x = np.random.default_rng(0).normal(size=20000)
+    rb = fit_bins(_table(r=x), num_bins=64, strategy="quantile")["r"]
+    assert rb.num_bins == 64 and len(rb.edges) == 63
+    counts = np.bincount(rb.assign(x), minlength=64)
+    assert counts.min() >= 20000 / 64 - 2 and counts.max() <= 20000 / 64 + 2
+    v = rb.value(rb.assign(x))
+    assert v.min() == 0.0 and v.max() == 1.0
+    assert np.allclose(np.unique(v), np.arange(64) / 63)
+
+
+def test_refined_splits_the_top_bins():
+    x = np.random.default_rng(1).uniform(size=72_000)
+    rb = fit_bins(_table(r=x), num_bins=64, strategy="refined", refine_last=8, refine_factor=2)["r"]
+    assert rb.num_bins == 56 + 16 and len(rb.edges) == 71
+    counts = np.bincount(rb.assign(x), minlength=72)
+    assert abs(counts[:56].mean() - 72_000 / 64) < 5          # ordinary quantile bins
+    assert abs(counts[56:].mean() - 72_000 / 128) < 5         # the top 8/64 split in two each
+    assert rb.value(np.array([71]))[0] == 1.0
+
+
+def test_uniform_bins_are_equal_width():
+    x = np.linspace(0, 10, 1001)
+    rb = fit_bins(_table(r=x), num_bins=10, strategy="uniform")["r"]
+    assert np.allclose(rb.edges, np.arange(1, 10))
+    assert rb.assign(np.array([0.0, 0.99, 1.5, 9.99, 10.0, -5, 50])).tolist() == [0, 0, 1, 9, 9, 0, 9]
+
+
+def test_ties_land_in_the_middle_of_their_run():
+    x = np.concatenate([np.zeros(5000), np.linspace(0.01, 1, 5000)])
+    rb = fit_bins(_table(r=x), num_bins=64)["r"]
+    b = rb.assign(x)
+    # zeros fill the bottom half of the quantiles: edges 1..31 are 0 -> middle of bins 0..32
+    left = np.searchsorted(rb.edges, 0.0, "left")
+    right = np.searchsorted(rb.edges, 0.0, "right")
+    assert (left, right) == (0, 31)
+    assert set(b[:5000]) == {16}
+    assert b[5000:].min() >= 31 and b[-1] == 63
+    # no tie: the usual half-open bins [e_k-1, e_k)
+    e = np.asarray(rb.edges)
+    assert rb.assign(np.array([e[40]]))[0] == 41 and rb.assign(np.array([e[40] - 1e-9]))[0] == 40
+
+
+def test_constant_and_empty_rewards():
+    t = _table(c=np.full(100, 3.0), e=np.full(100, np.nan))
+    bins = fit_bins(t, num_bins=64)
+    c, e = bins["c"], bins["e"]
+    assert c.constant and not c.empty
+    assert c.assign(np.array([3.0, 2.0, 4.0])).tolist() == [32, 0, 63]
+    assert e.empty and e.n_missing == 100
+    assert (e.assign(np.array([1.0, 2.0])) == -1).all()
+    out = apply_bins(t, bins, missing="median")
+    assert set(out.column("e.bin").to_pylist()) == {32}
+    assert out.column("e.imputed").to_pylist() == [True] * 100
+
+
+def test_missing_policies():
+    x = np.arange(10, dtype=float)
+    x[[2, 7]] = np.nan
+    t = _table(r=x)
+    bins = fit_bins(t, num_bins=4)
+    assert bins["r"].n_missing == 2 and bins["r"].n_calibration == 8
+    drop = apply_bins(t, bins, "drop")
+    assert drop.num_rows == 8 and "k00002" not in drop.column("key").to_pylist()
+    med = apply_bins(t, bins, "median")
+    assert med.num_rows == 10
+    mb = bins["r"].median_bin
+    assert med.column("r.bin").to_pylist()[2] == mb and med.column("r.imputed").to_pylist()[2]
+    nan = apply_bins(t, bins, "nan")
+    assert nan.column("r.bin").to_pylist()[7] == -1 and np.isnan(nan.column("r.value").to_pylist()[7])
+    with pytest.raises(ValueError, match="missing"):
+        apply_bins(t, bins, "zero")
+
+
+def test_calibration_subsample_is_seeded_and_capped():
+    x = np.random.default_rng(2).normal(size=5000)
+    a = fit_bins(_table(r=x), num_bins=16, calibration_size=1000, seed=3)["r"]
+    b = fit_bins(_table(r=x), num_bins=16, calibration_size=1000, seed=3)["r"]
+    c = fit_bins(_table(r=x), num_bins=16, calibration_size=1000, seed=4)["r"]
+    assert a.n_calibration == 1000 and a.edges == b.edges and a.edges != c.edges
+
+
+def test_caption_source_columns_share_bins():
+    rng = np.random.default_rng(3)
+    t = _table(**{"hpsv2_score": rng.normal(size=500), "hpsv2_score@long": rng.normal(1, 1, size=500)})
+    bins = fit_bins(t, num_bins=8)
+    assert list(bins) == ["hpsv2_score"] and bins["hpsv2_score"].n_calibration == 1000
+    out = apply_bins(t, bins)
+    assert {"hpsv2_score.bin", "hpsv2_score@long.bin"} <= set(out.column_names)
+
+
+def test_bins_json_roundtrip_and_errors(tmp_path):
+    x = np.random.default_rng(4).normal(size=3000)
+    t = _table(r=x, s=np.full(3000, 1.0))
+    bins = fit_bins(t, num_bins=64, reward_meta={"r": {"model_id": "org/model", "checkpoint_digest": "sha256:ab"}})
+    doc = save_bins(str(tmp_path / "bins.json"), bins, strategy="quantile")
+    again, doc2 = load_bins(str(tmp_path / "bins.json"))
+    assert doc2["edges_sha256"] == doc["edges_sha256"] == binning.edges_digest(again)
+    assert (again["r"].assign(x) == bins["r"].assign(x)).all()
+    assert doc2["rewards"]["r"]["model_id"] == "org/model"
+    assert doc2["rewards"]["r"]["checkpoint_digest"] == "sha256:ab"
+    assert doc2["rewards"]["s"]["constant"] is True
+    with pytest.raises(KeyError, match="zz"):
+        fit_bins(t, rewards=["zz"])
+    with pytest.raises(KeyError, match="not define"):
+        apply_bins(_table(q=x), bins)
+    with pytest.raises(ValueError, match="strategy"):
+        compute_edges(x, 8, "median")
+
+
+def _write_scores(d: Path):
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    meta = {"rewards": {"aesthetic_score": {"model_id": "m-aes", "checkpoint_digest": "sha256:01"},
+                        "sharpness_score": {"model_id": "pixel-statistics-v1", "checkpoint_digest": ""}}}
+    for s in range(3):
+        n = 50
+        aes = rng.normal(5, 1, n)
+        aes[0] = np.nan
+        status = ["ok"] * n
+        status[0] = "corrupt_image"
+        t = pa.table({"key": [f"{s}_{i:03d}" for i in range(n)], "status": status, "error": [None] * n,
+                      "aesthetic_score": pa.array(aes.astype(np.float32)),
+                      "sharpness_score": pa.array(rng.uniform(0, 9, n).astype(np.float32))})
+        pq.write_table(t.replace_schema_metadata({"miro_scoring": json.dumps(meta)}), d / f"{s:05d}.parquet")
+
+
+@pytest.mark.parametrize("strategy", ["quantile", "refined", "uniform"])
+def test_bin_cli_fit_and_apply(tmp_path, strategy):
+    _write_scores(tmp_path / "scores")
+    r = subprocess.run([sys.executable, str(ROOT / "preprocessing" / "bin.py"), "--scores", str(tmp_path / "scores"),
+                        "--bins", "16", "--strategy", strategy, "--refine-last", "4", "--calibration-size", "100",
+                        "--out", str(tmp_path / "bins.json"), "--apply", str(tmp_path / "side")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "bins.json").read_text())
+    nb = 16 - 4 + 8 if strategy == "refined" else 16
+    assert doc["rewards"]["aesthetic_score"]["num_bins"] == nb
+    assert doc["rewards"]["aesthetic_score"]["n_calibration"] == 100
+    assert doc["rewards"]["aesthetic_score"]["model_id"] == "m-aes"
+    assert doc["rewards"]["aesthetic_score"]["checkpoint_digest"] == "sha256:01"
+    side = pq.read_table(tmp_path / "side" / "00001.rewards.parquet")
+    assert side.num_rows == 49  # the corrupt row is dropped (default policy)
+    v = np.asarray(side.column("aesthetic_score.value"))
+    b = np.asarray(side.column("aesthetic_score.bin"))
+    assert np.allclose(v, b / (nb - 1)) and 0 <= v.min() and v.max() <= 1
+    # apply an existing bins.json as json sidecars with median imputation
+    r = subprocess.run([sys.executable, str(ROOT / "preprocessing" / "bin.py"), "--scores", str(tmp_path / "scores"),
+                        "--use", str(tmp_path / "bins.json"), "--apply", str(tmp_path / "sidej"), "--format", "json",
+                        "--missing", "median"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    js = json.loads((tmp_path / "sidej" / "00000.rewards.json").read_text())
+    assert len(js) == 50
+    ent = js["0_000"]["rewards"]["aesthetic_score"]
+    assert ent["raw"] is None and ent["bin"] == doc["rewards"]["aesthetic_score"]["median_bin"]
+    assert ent["value"] == ent["bin"] / (nb - 1)
