@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-INTERPRETER_TEST_FILES = ["test_kernels_ops.py", "test_kernels_compile.py", "test_kernels_textrin.py"]
+INTERPRETER_TEST_FILES = [
+    "test_kernels_ops.py", "test_kernels_compile.py", "test_kernels_textrin.py", "test_kernels_bench.py"
+]
 
 
 @pytest.mark.parametrize("test_file", INTERPRETER_TEST_FILES)
