@@ -1,0 +1,41 @@
+"""Data: WebDataset shards with binned rewards, loaders (PIL/torch, DALI GPU/CPU, precomputed
+latents), a writer/resharder, and the synthetic shapes world (the embedded default dataset).
+
+Entry points (all plain functions/classes with explicit arguments):
+
+- :class:`~miro_scale.data.loader.WebDatasetLoader` — PIL decode + torch DataLoader workers;
+  ``mode="image"`` or ``mode="latent"`` (npy latents), optional text embeddings.
+- :class:`~miro_scale.data.dali_loader.DaliLoader` — DALI ``fn.readers.webdataset``; GPU ("mixed")
+  decode with ``device_id=<int>``, the same pipeline on the CPU with ``device_id=None``.
+- :func:`make_loader` — picks one of the above by name.
+- :class:`~miro_scale.data.writer.ShardWriter` — atomic shards + DALI index + manifest.
+- ``python -m miro_scale.data.reshard`` / :func:`~miro_scale.data.reshard.reshard` — merge sidecar
+  rewards, reshard, index.
+- ``python -m miro_scale.data.synthetic_world`` / :func:`~miro_scale.data.synthetic_world.generate`.
+- ``python -m miro_scale.data.bench`` — loader throughput.
+
+The shard format is documented in :mod:`miro_scale.data.format` (and docs/data.md).
+"""
+from .format import FORMAT_VERSION, SampleError, reward_entry, reward_vector, split_member_name
+from .loader import PlannedLoader, WebDatasetLoader
+from .plan import resolve_shards
+from .writer import ShardWriter, read_manifest
+
+LOADERS = ("pil", "dali")
+
+
+def make_loader(kind: str, shards, batch_size: int, **kw):
+    """``kind``: "pil" (WebDatasetLoader; also for ``mode="latent"``) or "dali" (DaliLoader; pass
+    ``device_id=None`` for the CPU pipeline). Other keyword arguments go to the loader."""
+    if kind == "pil":
+        return WebDatasetLoader(shards, batch_size, **kw)
+    if kind == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(shards, batch_size, **kw)
+    raise ValueError(f"unknown loader kind {kind!r}; choose from {LOADERS}")
+
+
+__all__ = ["FORMAT_VERSION", "SampleError", "reward_entry", "reward_vector", "split_member_name",
+           "PlannedLoader", "WebDatasetLoader", "resolve_shards", "ShardWriter", "read_manifest",
+           "make_loader", "LOADERS"]

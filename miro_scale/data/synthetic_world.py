@@ -63,7 +63,11 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 TAG_WEIGHTS = (0.15, 0.15, 0.2, 0.15, 0.2, 0.15)
 DEGRADATIONS = ("blur", "noise", "low_contrast", "jpeg")
 WORLD_VERSION = 1
-SUPERSAMPLE = 4
+SUPERSAMPLE = 4  # antialiasing factor at <= 128 px; less above (render cost grows with S^2)
+
+
+def _supersample(res: int) -> int:
+    return max(1, min(SUPERSAMPLE, 512 // res))
 
 
 def _article(word: str) -> str:
@@ -289,7 +293,7 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, aspect: float, ang
 def render_scene(scene: dict, rng: np.random.Generator) -> Image.Image:
     """Render the clean image (RGB, scene's resolution)."""
     res = scene["width"]
-    S = res * SUPERSAMPLE
+    S = res * _supersample(res)
     bg = scene["background"]
     if bg["kind"] == "gradient":
         t = math.radians(bg["angle"])
