@@ -137,15 +137,20 @@ def test_bad_inputs(bad_dir, name, make, caplog):
         assert L.stats["dali_batch_fallback"] >= 1
 
 
-def test_huge_image_decoded_at_reduced_scale():
-    big = encode(Image.new("L", (12000, 12000), 70), "JPEG", quality=80)
+@pytest.fixture(scope="module")
+def huge_jpeg():
+    return encode(Image.new("L", (12000, 12000), 70), "JPEG", quality=80)
+
+
+def test_huge_image_decoded_at_reduced_scale(huge_jpeg):
+    big = huge_jpeg
     im = decode_image(big, "mem:huge", min_size=64)
     assert min(im.size) >= 64 and max(im.size) <= 12000 // 8 + 8  # DCT-scaled decode
     assert abs(np.asarray(im, np.float32).mean() - 70) < 2
 
 
-def test_huge_image_in_loaders(tmp_path):
-    big = encode(Image.new("L", (12000, 12000), 70), "JPEG", quality=80)
+def test_huge_image_in_loaders(tmp_path, huge_jpeg):
+    big = huge_jpeg
     write_raw_tar(str(tmp_path / "00000.tar"), [("huge.jpg", big), ("huge.txt", b"x"),
                                                 ("huge.json", _js())])
     loaders = [WebDatasetLoader(str(tmp_path), 2, resolution=RES, reward_keys=["a"], num_workers=0,
