@@ -18,24 +18,32 @@ __all__ = ["rms_norm", "qk_norm", "swiglu", "swiglu_packed"]
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
+    """RMSNorm over the last dim of x [..., N] (any leading strides); output in x's dtype."""
     if runs_triton(x):
         return rms_norm_op(x, weight, float(eps))
     return rms_norm_reference(x, weight, eps)
 
 
 def qk_norm(q, k, q_weight, k_weight, eps: float = 1e-6, q_bias=None, k_bias=None, kind: str = "rms"):
+    """Normalise q and k over the head dim, per head, in one launch; kind "rms" or "layer".
+
+    Accepts [B, L, H, D], [B, H, L, D] (contiguous or a transposed view) and q/k views of a packed
+    [B, L, 3, H, D] projection without copying; returns contiguous tensors of the input shapes.
+    """
     if runs_triton(q):
         return qk_norm_op(q, k, q_weight, k_weight, float(eps), q_bias, k_bias, kind)
     return qk_norm_reference(q, k, q_weight, k_weight, eps, q_bias, k_bias, kind)
 
 
 def swiglu(gate, up):
+    """silu(gate) * up, in up's dtype."""
     if runs_triton(up):
         return swiglu_op(gate, up)
     return swiglu_reference(gate, up)
 
 
 def swiglu_packed(x):
+    """x[..., :F] * silu(x[..., F:]) for x [..., 2F] (value first, gate second, as released)."""
     if runs_triton(x):
         return swiglu_packed_op(x)
     return swiglu_packed_reference(x)

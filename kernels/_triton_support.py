@@ -33,9 +33,9 @@ except ImportError:  # CPU-only installs: the references run, the kernels below 
 
     triton = tl = _Unavailable()
 
-# Elements one program holds per tile when several narrow rows share a program: enough work per
-# program to hide latency (a 32-wide head-dim row alone would leave most lanes idle).
-ROW_TILE_ELEMENTS = 2048
+# Rows narrower than this share a program, several per tile, up to this many elements: a 32- or
+# 64-wide head-dim row alone would leave most of a warp idle. Wider rows get one row per program.
+ROW_TILE_ELEMENTS = 1024
 # Widest row a program holds in registers at once (fp32): 64K elements = 256 KiB across 32 warps.
 MAX_BLOCK_N = 65536
 
@@ -57,12 +57,11 @@ def num_warps_for(tile_elements: int) -> int:
 
 
 def row_tile(n_cols: int):
-    """(BLOCK_N, ROWS): a whole row per tile; several rows per program only when rows are narrow."""
+    """(BLOCK_N, tile rows): a whole row per tile; several rows per tile only when rows are narrow."""
     block_n = triton.next_power_of_2(max(n_cols, 1))
     if block_n > MAX_BLOCK_N:
         raise ValueError(f"rows of {n_cols} elements exceed the single-tile limit of {MAX_BLOCK_N}")
-    rows = max(1, ROW_TILE_ELEMENTS // block_n)
-    return block_n, rows
+    return block_n, max(1, ROW_TILE_ELEMENTS // block_n)
 
 
 def reduction_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:

@@ -187,15 +187,15 @@ def _qk_norm_forward(q, k, q_weight, k_weight, eps, q_bias, k_bias, kind):
     (q,), (q_size1, q_size2), (q_strides,) = strided_rows(q)
     (k,), (k_size1, k_size2), (k_strides,) = strided_rows(k)
     n_cols = q.shape[-1]
-    block_n, rows = row_tile(n_cols)
-    grid = (triton.cdiv(q_rows, rows) + triton.cdiv(k_rows, rows),)
+    block_n, tile_rows = row_tile(n_cols)
+    grid = (triton.cdiv(q_rows, tile_rows) + triton.cdiv(k_rows, tile_rows),)
     q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
     _qk_norm_fwd_kernel[grid](
         q, q_weight, q_weight if q_bias is None else q_bias.contiguous(), q_out, q_rows, q_size1, q_size2, *q_strides,
         k, k_weight, k_weight if k_bias is None else k_bias.contiguous(), k_out, k_rows, k_size1, k_size2, *k_strides,
         n_cols, eps,
         IS_LAYER=kind == "layer", Q_HAS_BIAS=q_bias is not None, K_HAS_BIAS=k_bias is not None,
-        BLOCK_N=block_n, ROWS=rows, num_warps=num_warps_for(block_n * rows),
+        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps_for(block_n * tile_rows),
     )
     return q_out, k_out
 
@@ -206,11 +206,11 @@ def _qk_norm_backward(dq_out, dk_out, q, k, q_weight, k_weight, eps, kind):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     q_rows, k_rows = q.numel() // max(n_cols, 1), k.numel() // max(n_cols, 1)
-    block_n, rows = row_tile(n_cols)
-    num_warps = num_warps_for(block_n * rows)
+    block_n, tile_rows = row_tile(n_cols)
+    num_warps = num_warps_for(block_n * tile_rows)
 
     def programs(n_rows):
-        return reduction_programs(q.device, triton.cdiv(n_rows, rows), num_warps) if n_rows else 0
+        return reduction_programs(q.device, triton.cdiv(n_rows, tile_rows), num_warps) if n_rows else 0
 
     q_programs, k_programs = programs(q_rows), programs(k_rows)
     # rows [2p, 2p + 1] hold program p's (dW, dB); q programs first, then k programs
@@ -222,7 +222,7 @@ def _qk_norm_backward(dq_out, dk_out, q, k, q_weight, k_weight, eps, kind):
             dq_out, q, q_weight.contiguous(), dq, q_rows, q_size1, q_size2, *q_strides, *dq_out_strides,
             dk_out, k, k_weight.contiguous(), dk, k_rows, k_size1, k_size2, *k_strides, *dk_out_strides,
             partial, q_programs, n_cols, eps,
-            IS_LAYER=kind == "layer", BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+            IS_LAYER=kind == "layer", BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps,
         )
     # four separate sums: views of one result would alias each other, which custom ops forbid
     q_partial, k_partial = partial[:q_programs], partial[q_programs:]

@@ -83,11 +83,11 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_n, rows = row_tile(n_cols)
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+    block_n, tile_rows = row_tile(n_cols)
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, tile_rows),)](
         x_rows, weight.contiguous(), y,
         n_rows, n_cols, x_rows.stride(0), n_cols, eps,
-        BLOCK_N=block_n, ROWS=rows, num_warps=num_warps_for(block_n * rows),
+        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps_for(block_n * tile_rows),
     )
     return y
 
@@ -99,14 +99,14 @@ def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
         return dx, torch.zeros_like(weight)
-    block_n, rows = row_tile(n_cols)
-    num_warps = num_warps_for(block_n * rows)
-    n_programs = reduction_programs(x.device, triton.cdiv(n_rows, rows), num_warps)
+    block_n, tile_rows = row_tile(n_cols)
+    num_warps = num_warps_for(block_n * tile_rows)
+    n_programs = reduction_programs(x.device, triton.cdiv(n_rows, tile_rows), num_warps)
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(n_programs,)](
         dy_rows, x_rows, weight.contiguous(), dx, dw_partial,
         n_rows, n_cols, dy_rows.stride(0), x_rows.stride(0), n_cols, eps,
-        BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 
