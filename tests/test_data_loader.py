@@ -146,3 +146,30 @@ def test_epoch_order_is_a_permutation(ds):
     assert sorted(o.tolist()) == list(range(53))
     assert not np.array_equal(o, epoch_order(L.index, 0, 6, True, 3))
     assert np.array_equal(o, epoch_order(L.index, 0, 5, True, 3))
+
+
+def test_caption_mix_with_per_caption_rewards(tmp_path):
+    from miro_scale.data.format import reward_entry
+    from miro_scale.data.writer import ShardWriter
+
+    from miro_scale.data._testing import solid_jpeg
+
+    with ShardWriter(str(tmp_path), max_samples=50) as w:
+        for i in range(40):
+            w.write(f"k{i:03d}", {"jpg": solid_jpeg((9, 9, 9)), "txt": f"short {i}", "json": {
+                "captions": {"long": f"long {i}"},
+                "rewards": {"r": reward_entry(0.0, 0, 64)},
+                "rewards_by_caption": {"long": {"r": reward_entry(1.0, 63, 64)}}}})
+    L = WebDatasetLoader(str(tmp_path), 40, resolution=16, reward_keys=["r"], num_workers=0,
+                         caption_source={"txt": 0.5, "long": 0.5}, seed=0)
+    pick0 = {k: (t, r.item()) for b in L for k, t, r in zip(b["keys"], b["text"], b["rewards"][:, 0])}
+    pick1 = {k: (t, r.item()) for b in L for k, t, r in zip(b["keys"], b["text"], b["rewards"][:, 0])}
+    for picks in (pick0, pick1):
+        assert all((t.startswith("long") and r == 1.0) or (t.startswith("short") and r == 0.0)
+                   for t, r in picks.values())
+        n_long = sum(t.startswith("long") for t, _ in picks.values())
+        assert 8 <= n_long <= 32
+    assert pick0 != pick1  # drawn again each epoch
+    L2 = WebDatasetLoader(str(tmp_path), 40, resolution=16, reward_keys=["r"], num_workers=0,
+                          caption_source={"txt": 0.5, "long": 0.5}, seed=0)
+    assert {k: v for b in L2 for k, v in zip(b["keys"], zip(b["text"], b["rewards"][:, 0].tolist()))} == pick0

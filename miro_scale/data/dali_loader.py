@@ -143,7 +143,7 @@ class DaliLoader(PlannedLoader):
                     raise RuntimeError(f"DALI returned {info} where the plan has {where}; "
                                        "the reader and the plan disagree")
             try:
-                caption, rv = self._text_and_rewards(txts[r], jsons[r], where)
+                caption, rv = self._text_and_rewards(txts[r], jsons[r], where, i, self.epoch)
             except SampleError as e:
                 stats[e.reason] += 1
                 messages.append(f"{e} (skipped)")

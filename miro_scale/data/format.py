@@ -27,7 +27,10 @@ Per sample:
       configured key (or its ``value``) is skipped and counted under ``missing_reward``.
     - ``reward_bins`` (optional): ``{"num_bins": 64, "scheme": "quantile", "edges_sha256": ...}``.
     - ``captions`` (optional): ``{"short": str, "long": str}``; a loader can be told to use one of
-      them instead of ``txt``.
+      them instead of ``txt``, or to mix sources per sample (e.g. 50/50 txt and long).
+    - ``rewards_by_caption`` (optional): ``{caption_name: {reward_key: {"raw", "bin", "value"}}}``,
+      the rewards of the image with that caption (text-dependent rewards differ per caption); used
+      in place of ``rewards`` when the loader picked that caption.
     - synthetic-world samples also carry ``tag``, ``scene``, ``corruption`` and ``mismatch`` (see
       :mod:`miro_scale.data.synthetic_world`).
 ``latent_mean.npy``, ``latent_std.npy`` (optional)

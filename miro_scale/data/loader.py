@@ -4,7 +4,8 @@ All loaders (this one, :class:`miro_scale.data.dali_loader.DaliLoader`) yield th
 
 ``"image"``      float32 [B, 3, H, W] in [-1, 1] (``mode="image"``), or
 ``"latent"``     float32 [B, C, h, w] raw VAE latents (``mode="latent"``: mean + std * eps, or the mean)
-``"text"``       list[str] of B captions (always)
+``"text"``       list[str] of B captions (always; ``caption_source`` "txt", a ``json["captions"]``
+                 name, or a {name: weight} mix drawn per sample and epoch)
 ``"text_emb"``   float32 [B, L, D] and ``"text_mask"`` bool [B, L] (``text_embeddings=True``)
 ``"rewards"``    float32 [B, N]: the normalised bin values of ``reward_keys``, in that order
 ``"keys"``       list[str] of B sample keys (``"shard_name/key"`` is in ``"where"``)
@@ -68,7 +69,14 @@ class PlannedLoader:
         self.mode = mode
         self.resolution = int(resolution)
         self.reward_keys = tuple(reward_keys)
-        self.caption_source = caption_source
+        if isinstance(caption_source, str):
+            caption_source = {caption_source: 1.0}
+        names = list(caption_source)
+        probs = np.asarray([float(caption_source[n]) for n in names], dtype=np.float64)
+        if not names or (probs < 0).any() or probs.sum() <= 0:
+            raise ValueError(f"caption_source needs non-negative weights, got {caption_source!r}")
+        self.caption_names, self.caption_probs = names, probs / probs.sum()
+        self.caption_source = dict(zip(names, self.caption_probs.tolist()))
         self.text_embeddings = bool(text_embeddings)
         self.max_text_len = int(max_text_len)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -81,9 +89,9 @@ class PlannedLoader:
             required.append(IMAGE_EXTS)
         else:
             required.append((LATENT_MEAN_EXT,))
-        if caption_source == "txt":
+        if "txt" in names:
             required.append((TEXT_EXT,))
-        if self.reward_keys or caption_source != "txt":
+        if self.reward_keys or names != ["txt"]:
             required.append((JSON_EXT,))
         if self.text_embeddings:
             required.append((TEXT_EMB_EXT,))
@@ -172,7 +180,18 @@ class PlannedLoader:
         raise NotImplementedError
 
     # -- per-sample CPU work shared by loaders ----------------------------------------------
-    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str):
+    def _pick_caption(self, i: int, epoch: int) -> str:
+        if len(self.caption_names) == 1:
+            return self.caption_names[0]
+        u = np.random.default_rng([self.seed, epoch, int(i), 0x636170]).random()
+        k = int(np.searchsorted(np.cumsum(self.caption_probs), u, side="right"))
+        return self.caption_names[min(k, len(self.caption_names) - 1)]
+
+    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str,
+                          i: int = 0, epoch: int = 0):
+        """Caption and reward vector. With several caption sources, one is drawn per sample and
+        epoch (seeded); rewards come from ``json["rewards_by_caption"][source]`` when the json has
+        them for that source, else from ``json["rewards"]``."""
         meta = parse_json(meta_bytes, where) if meta_bytes is not None else {}
         if txt is not None:
             try:
@@ -181,7 +200,12 @@ class PlannedLoader:
                 raise SampleError("bad_txt", f"{where}: txt member is not UTF-8") from None
         else:
             txt_s = None
-        caption = choose_caption(txt_s, meta, self.caption_source, where)
+        source = self._pick_caption(i, epoch)
+        caption = choose_caption(txt_s, meta, source, where)
+        by_cap = meta.get("rewards_by_caption")
+        if isinstance(by_cap, dict) and isinstance(by_cap.get(source), dict):
+            meta = {"rewards": by_cap[source]}
+            where = f"{where} (rewards_by_caption.{source})"
         rewards = reward_vector(meta, self.reward_keys, where)
         return caption, rewards
 
@@ -285,7 +309,7 @@ class WebDatasetLoader(PlannedLoader):
             except (OSError, EOFError) as e:
                 raise SampleError("read_error", f"{where}: cannot read .{ext} ({e})") from None
 
-        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where)
+        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
         s = {"caption": caption, "rewards": rewards}
         if self.mode == "image":
             ext = image_ext(mem)
