@@ -8,12 +8,19 @@ sharpness_score          log1p(variance of the Laplacian of luminance, 0-255 sca
 contrast_score           RMS contrast: std of luminance in [0, 1]
 colourfulness_score      Hasler & Suesstrunk (2003) colourfulness M, 0-255 scale
 
-Detector: the background is modelled as a per-channel plane a + b*x + c*y fitted to the border
-pixels (so flat and linear-gradient backgrounds both work); pixels far from it are foreground; each
-foreground pixel is labelled with its nearest named colour, connected components per colour are the
-objects; a shape is classified from the radial profile r(theta) of its boundary around the centroid
-(number of corners and min/max radius ratio: circle ~1, hexagon .87, pentagon .81, square .71,
-triangle .5, star with 5 deep valleys).
+Detector (measured on the synthetic world at 64 px, seed 0, 300 samples: shape accuracy ~97%,
+colour ~100%; alignment AUC true vs mismatched captions 0.99 clean, ~0.8 on degraded images):
+  1. background: a per-channel plane a + b*x + c*y fitted robustly to the border pixels (flat,
+     gradient and lightly textured backgrounds); noisy images (residual sigma > 5) are median-filtered
+  2. foreground: pixels farther than max(14, 4.5 sigma) from the background; connected components
+     of at least `min_area` of the image are objects
+  3. colour: median of the object's core pixels -> nearest palette colour, or, when none is near
+     (blur, low contrast, anti-aliasing mix the colour with the background), the palette colour whose
+     ray from the background colour passes closest
+  4. shape: the object's soft coverage (projection of pixel - background onto object - background)
+     inside its box is compared (soft IoU) to templates of every shape stretched to the same box
+     (rotations included, blurred copies used when the object's edges are blurred); circle/ellipse and
+     square/rectangle are told apart by the box's aspect ratio
 """
 from __future__ import annotations
 
@@ -28,21 +35,19 @@ import torch
 from .base import VIEWS, Reward
 
 # Named colours (sRGB). The synthetic world's palette, when it exposes one, can be passed instead.
-COLOURS: Dict[str, Tuple[int, int, int]] = {
+COLOURS: Dict[str, Tuple[int, int, int]] = {  # GenEval's ten colours (the synthetic world's palette)
     "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 220, 30),
     "green": (30, 160, 50),
     "blue": (30, 70, 220),
-    "yellow": (245, 220, 30),
-    "orange": (245, 140, 20),
     "purple": (130, 50, 180),
     "pink": (245, 130, 190),
-    "cyan": (30, 200, 220),
     "brown": (130, 80, 35),
-    "white": (245, 245, 245),
     "black": (15, 15, 15),
-    "gray": (128, 128, 128),
+    "white": (245, 245, 245),
 }
-COLOUR_SYNONYMS = {"grey": "gray", "violet": "purple", "magenta": "pink", "teal": "cyan"}
+COLOUR_SYNONYMS = {"violet": "purple", "magenta": "pink"}
 
 SHAPES = ("circle", "square", "triangle", "rectangle", "star", "hexagon", "pentagon", "ellipse", "diamond")
 SHAPE_SYNONYMS = {"circles": "circle", "squares": "square", "triangles": "triangle",
@@ -136,29 +141,37 @@ class Detection:
     cx: float  # centroid, fraction of width
     cy: float  # centroid, fraction of height
     area: float  # fraction of image area
+    fit: float = 1.0  # soft IoU of the best shape template
 
 
-def _background_model(img: np.ndarray) -> np.ndarray:
-    """Fit rgb = a + b*x + c*y on the border pixels (robustly: two passes dropping outliers)."""
+def _plane_fit(img: np.ndarray, mask: np.ndarray):
+    """Least-squares rgb = a + b*x + c*y over the masked pixels, two passes dropping outliers.
+    Returns (background image, robust residual sigma)."""
     h, w, _ = img.shape
-    b = max(1, min(h, w) // 64)
-    ys, xs = np.mgrid[0:h, 0:w]
-    border = np.zeros((h, w), bool)
-    border[:b] = border[-b:] = True
-    border[:, :b] = border[:, -b:] = True
-    X = np.stack([np.ones(border.sum()), xs[border] / w, ys[border] / h], 1)
-    Y = img[border].astype(np.float64)
+    ys, xs = np.nonzero(mask)
+    X = np.stack([np.ones(len(xs)), xs / w, ys / h], 1)
+    Y = img[ys, xs].astype(np.float64)
     keep = np.ones(len(Y), bool)
-    for _ in range(2):
+    for _ in range(3):
         coef, *_ = np.linalg.lstsq(X[keep], Y[keep], rcond=None)
-        resid = np.linalg.norm(Y - X @ coef, axis=1)
-        thr = max(8.0, 3 * np.median(resid[keep]) + 1e-6)
-        keep = resid < thr
+        resid = np.abs(Y - X @ coef)
+        mad = np.median(resid[keep], axis=0).mean() * 1.4826 + 1e-6
+        keep = resid.max(1) < max(10.0, 3.5 * mad)
         if keep.sum() < 8:
             keep[:] = True
             break
-    full = np.stack([np.ones(h * w), xs.ravel() / w, ys.ravel() / h], 1) @ coef
-    return full.reshape(h, w, 3)
+    gy, gx = np.mgrid[0:h, 0:w]
+    full = (np.stack([np.ones(h * w), gx.ravel() / w, gy.ravel() / h], 1) @ coef).reshape(h, w, 3)
+    sigma = float(np.median(np.abs(Y[keep] - X[keep] @ coef)) * 1.4826)
+    return full, sigma
+
+
+def _border_mask(h, w):
+    b = max(1, min(h, w) // 32)
+    m = np.zeros((h, w), bool)
+    m[:b] = m[-b:] = True
+    m[:, :b] = m[:, -b:] = True
+    return m
 
 
 def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -168,8 +181,8 @@ def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     except ImportError:  # pragma: no cover - fallback without scipy: min-label propagation in torch
         m = torch.from_numpy(mask)
         h, w = mask.shape
-        big = h * w + 1
-        lab = torch.where(m, torch.arange(h * w, dtype=torch.float32).view(h, w) + 1, torch.full((h, w), float(big)))
+        big = float(h * w + 1)
+        lab = torch.where(m, torch.arange(h * w, dtype=torch.float32).view(h, w) + 1, torch.full((h, w), big))
         while True:
             new = -torch.nn.functional.max_pool2d(-lab[None, None], 3, 1, 1)[0, 0]
             new = torch.where(m, torch.minimum(new, lab), lab)
@@ -184,122 +197,235 @@ def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
         return out.numpy(), len(uniq)
 
 
-def _count_peaks(r: np.ndarray, prominence: float) -> int:
-    n = len(r)
-    peaks = 0
-    for i in range(n):
-        if r[i] >= r[i - 1] and r[i] > r[(i + 1) % n]:
-            # prominence: drop to the lowest point before reaching a higher peak, both directions
-            lo_l, lo_r = r[i], r[i]
-            for k in range(1, n // 2):
-                v = r[(i - k) % n]
-                if v > r[i]:
-                    break
-                lo_l = min(lo_l, v)
-            for k in range(1, n // 2):
-                v = r[(i + k) % n]
-                if v > r[i]:
-                    break
-                lo_r = min(lo_r, v)
-            if r[i] - max(lo_l, lo_r) >= prominence:
-                peaks += 1
-    return peaks
+def _median3(img: np.ndarray) -> np.ndarray:
+    try:
+        from scipy import ndimage
+        return ndimage.median_filter(img, size=(3, 3, 1), mode="nearest")
+    except ImportError:  # pragma: no cover
+        p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        h, w, _ = img.shape
+        st = np.stack([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+        return np.median(st, axis=0)
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Name the shape of one connected binary mask."""
-    ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean(), xs.mean()
-    # boundary pixels: in the mask with a 4-neighbour outside
-    pad = np.pad(mask, 1)
-    inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
-    by, bx = np.nonzero(mask & ~inner)
-    ang = np.arctan2(by - cy, bx - cx)
-    dist = np.hypot(by - cy, bx - cx) + 0.5
-    nb = 72
-    idx = ((ang + math.pi) / (2 * math.pi) * nb).astype(int) % nb
-    r = np.zeros(nb)
-    np.maximum.at(r, idx, dist)
-    # fill empty angle bins (tiny shapes) by circular interpolation
-    if (r == 0).any():
-        good = np.nonzero(r > 0)[0]
-        r = np.interp(np.arange(nb), good, r[good], period=nb)
-    r = (r + np.roll(r, 1) + np.roll(r, -1)) / 3  # light smoothing
-    r = r / r.max()
-    ratio = r.min()
-    # second moments: elongation
-    cov = np.cov(np.stack([xs - cx, ys - cy]))
-    ev = np.sort(np.linalg.eigvalsh(cov))
-    elong = math.sqrt(ev[1] / max(ev[0], 1e-9))
-    area = len(xs)
-    bbox_fill = area / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-    if ratio > 0.9:
-        return "circle"
-    peaks = _count_peaks(r, prominence=max(0.03, 0.35 * (1 - ratio)))
-    if elong > 1.35:
-        if peaks == 2 or (bbox_fill > 0.7 and bbox_fill < 0.83 and peaks not in (3, 4)):
-            return "ellipse"
-        if peaks == 4 or bbox_fill > 0.85:
-            return "rectangle"
-        if peaks == 3:
-            return "triangle"
-    if peaks >= 5 and ratio < 0.62:
-        return "star"
-    if peaks == 3 or (ratio < 0.6 and peaks < 5):
-        return "triangle"
-    if peaks == 4:
-        # square vs diamond: are the corners on the axes (diamond) or the diagonals (square)?
-        return "square" if bbox_fill > 0.75 else "diamond"
-    if peaks == 5:
-        return "pentagon"
-    if peaks == 6:
-        return "hexagon"
-    # fall back on the radius ratio of regular polygons
-    table = {"triangle": 0.5, "square": 0.707, "pentagon": 0.809, "hexagon": 0.866, "circle": 1.0}
-    return min(table, key=lambda k: abs(table[k] - ratio))
+# --- shape templates: every candidate is rendered once, stretched to fill the central C x C square
+# of a T x T canvas, and blurred at a few levels. A detected object's soft mask, cropped to its box
+# plus the same relative margin and resized to T x T, is compared to all of them (soft IoU).
+# Stretching both to the box makes the fit independent of size and aspect ratio; the blurred
+# copies let a blurred object match the blurred version of its shape rather than a circle.
+_C = 32
+_M = 8
+_T = _C + 2 * _M
+_BLURS = (0.0, 1.0, 2.0, 3.0, 4.5, 6.0)  # sigma in canvas pixels (the box is _C wide)
+
+
+def _regular(k, rot_deg, radii=(1.0,)):
+    pts = []
+    for j in range(k):
+        r = radii[j % len(radii)]
+        t = math.radians(-90.0 + rot_deg + 360.0 * j / k)
+        pts.append((r * math.cos(t), r * math.sin(t)))
+    return pts
+
+
+def _template_defs():
+    defs = [("round", None), ("quad", [(-1, -1), (1, -1), (1, 1), (-1, 1)]),
+            ("diamond", [(0, -1), (1, 0), (0, 1), (-1, 0)])]
+    for rot in range(-60, 60, 5):
+        defs.append(("triangle", _regular(3, rot)))
+    for rot in range(-36, 36, 6):
+        defs.append(("pentagon", _regular(5, rot)))
+        for inner in (0.38, 0.45, 0.55):
+            defs.append(("star", _regular(10, rot, (1.0, inner))))
+    for rot in range(-30, 30, 5):
+        defs.append(("hexagon", _regular(6, rot)))
+    for rot in range(5, 45, 5):  # tilted squares short of a diamond (45 degrees), both ways
+        defs.append(("quad_tilted", _regular(4, rot + 45)))
+        defs.append(("quad_tilted", _regular(4, -rot + 45)))
+    return defs
+
+
+def _gaussian(a: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return a
+    r = int(math.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(a, r)
+    p = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, p)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, p)
+
+
+_TEMPLATES = None
+_PRIOR = None
+ROUND_BONUS = 0.0  # >0 favours smooth outlines in near-ties; measured on the shapes world: 0 is best
+
+
+def _templates():
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        from PIL import Image as _Image, ImageDraw as _Draw
+        ss = 8
+        names, masks = [], []
+        for name, pts in _template_defs():
+            im = _Image.new("L", (_T * ss, _T * ss), 0)
+            d = _Draw.Draw(im)
+            o, S = _M * ss, _C * ss
+            if pts is None:
+                d.ellipse([o, o, o + S - 1, o + S - 1], fill=255)
+            else:
+                xs = [p[0] for p in pts]
+                ys = [p[1] for p in pts]
+                x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+                d.polygon([(o + (x - x0) / (x1 - x0) * S, o + (y - y0) / (y1 - y0) * S) for x, y in pts], fill=255)
+            a = np.asarray(im, np.float32).reshape(_T, ss, _T, ss).mean((1, 3)) / 255.0
+            for sg in _BLURS:
+                names.append(name)
+                masks.append(_gaussian(a, sg).ravel())
+        _TEMPLATES = (names, np.stack(masks).astype(np.float32))
+        global _PRIOR
+        _PRIOR = np.array([ROUND_BONUS if n == "round" else 0.0 for n in names], np.float32)
+    return _TEMPLATES
+
+
+def classify_shape(alpha: np.ndarray, box: Optional[Tuple[float, float, float, float]] = None,
+                   blur_sigma: float = 0.0) -> Tuple[str, float]:
+    """Name the shape in a soft mask (values in [0, 1]); `box` = (x0, y0, x1, y1), the object's
+    extent in pixel-edge coordinates (default: the pixels at least half covered); `blur_sigma`: the
+    object's edge blur in pixels (see _edge_blur). Returns (name, best soft IoU)."""
+    from PIL import Image as _Image
+    alpha = np.asarray(alpha, np.float32)
+    if box is None:
+        hy, hx = np.nonzero(alpha >= 0.5)
+        if len(hy) == 0:
+            raise ValueError("classify_shape: empty mask")
+        box = (hx.min(), hy.min(), hx.max() + 1, hy.max() + 1)
+    x0, y0, x1, y1 = map(float, box)
+    bw, bh = x1 - x0, y1 - y0
+    mx, my = bw * _M / _C, bh * _M / _C
+    im = _Image.fromarray(alpha, "F")
+    ext = (x0 - mx, y0 - my, x1 + mx, y1 + my)
+    big = max(bw, bh) + 2 * max(mx, my)
+    if big > 3 * _T:  # shrink first so that the bilinear sampling below does not alias
+        f = 2 * _T / big
+        im = im.resize((max(1, round(alpha.shape[1] * f)), max(1, round(alpha.shape[0] * f))), _Image.BOX)
+        sx, sy = im.size[0] / alpha.shape[1], im.size[1] / alpha.shape[0]
+        ext = (ext[0] * sx, ext[1] * sy, ext[2] * sx, ext[3] * sy)
+    a = np.asarray(im.transform((_T, _T), _Image.EXTENT, ext, _Image.BILINEAR)).ravel()
+    a = np.clip(a, 0, 1)
+    names, tm = _templates()
+    inter = np.minimum(tm, a[None]).sum(1)
+    union = np.maximum(tm, a[None]).sum(1) + 1e-6
+    iou = inter / union + _PRIOR
+    # only the templates blurred about as much as the object is (edge width of the soft mask)
+    levels = np.asarray(_BLURS, np.float32)
+    sig_t = blur_sigma * _C / max(bw, bh, 1e-6)
+    allowed = np.abs(levels - sig_t) <= np.maximum(0.75, 0.35 * sig_t)
+    allowed[np.abs(levels - sig_t).argmin()] = True
+    mask = np.tile(allowed, len(names) // len(_BLURS))
+    iou = np.where(mask, iou, -1.0)
+    best = int(iou.argmax())
+    fam = names[best]
+    elong = max(bw, bh) / max(1e-6, min(bw, bh))
+    if fam == "round":
+        name = "circle" if elong < 1.25 else "ellipse"
+    elif fam in ("quad", "quad_tilted"):
+        name = "square" if elong < 1.25 else "rectangle"
+    else:
+        name = fam
+    return name, float(iou[best])
+
+
+def _edge_blur(alpha: np.ndarray) -> float:
+    """Gaussian blur sigma (pixels) of a soft mask, from the width of its edge: the number of partly
+    covered pixels per unit of boundary length. A sharp, anti-aliased edge is ~1 px wide; a Gaussian
+    blur widens the 10-90% ramp by ~2.56 sigma."""
+    inside = alpha >= 0.5
+    pad = np.pad(inside, 1)
+    edge = inside & ~(pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:])
+    perim = max(1.0, float(edge.sum()))
+    partial = float(((alpha > 0.1) & (alpha < 0.9)).sum())
+    width = partial / perim
+    return max(0.0, (width - 1.2) / 2.56)
+
+
+def _classify_colour(c: np.ndarray, bg: np.ndarray, names: List[str], pal: np.ndarray) -> str:
+    """Nearest palette colour when close; otherwise the palette colour whose ray from the background
+    passes closest (a blurred, low-contrast or anti-aliased object is a mix of its colour and the
+    background, so it lies on that ray)."""
+    d = np.linalg.norm(pal - c[None], axis=1)
+    k = int(d.argmin())
+    if d[k] < 40.0:
+        return names[k]
+    v = c - bg
+    u = pal - bg[None]
+    uu = (u * u).sum(1) + 1e-6
+    f = np.clip((u @ v) / uu, 0.08, 1.15)
+    resid = np.linalg.norm(v[None] - f[:, None] * u, axis=1)
+    # prefer full-strength matches: a small penalty for needing a strong shrink factor
+    score = resid + 10.0 * np.abs(1.0 - np.minimum(f, 1.0))
+    return names[int(score.argmin())]
 
 
 def detect_objects(img: np.ndarray, colours: Optional[Dict[str, Tuple[int, int, int]]] = None,
-                   min_area: float = 0.0015, max_side: int = 256) -> List[Detection]:
+                   min_area: float = 0.0025, max_side: int = 256) -> List[Detection]:
     """Detect coloured shapes in an RGB uint8 image (H, W, 3)."""
     colours = colours or COLOURS
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"detect_objects: expected HxWx3 uint8, got shape {img.shape}")
     h, w, _ = img.shape
-    step = max(1, int(math.ceil(max(h, w) / max_side)))
-    if step > 1:  # box-free subsample: nearest pixels keep colours pure
-        img = img[::step, ::step]
+    if max(h, w) > max_side:
+        from PIL import Image as _Image
+        s = max_side / max(h, w)
+        img = np.asarray(_Image.fromarray(img).resize((max(1, round(w * s)), max(1, round(h * s))), _Image.BOX))
         h, w, _ = img.shape
     f = img.astype(np.float64)
-    bg = _background_model(f)
-    fg = np.linalg.norm(f - bg, axis=2) > 40.0
+    border = _border_mask(h, w)
+    bg, sigma = _plane_fit(f, border)
+    if sigma > 5.0:  # noisy: a 3x3 median keeps edges and tames the noise
+        f = _median3(f)
+        bg, sigma = _plane_fit(f, border)
+    diff = f - bg
+    dist = np.linalg.norm(diff, axis=2)
+    thr = max(14.0, 4.5 * sigma)
+    fg = dist > thr
     names = list(colours)
     pal = np.array([colours[n] for n in names], dtype=np.float64)
-    d = np.linalg.norm(f[:, :, None, :] - pal[None, None], axis=3)  # H W K
-    lab = d.argmin(2)
-    # a colour equal to the background cannot be seen: those pixels stay background
-    mean_bg = bg.reshape(-1, 3).mean(0)
-    bg_like = np.linalg.norm(pal - mean_bg, axis=1) < 40.0
-    dets: List[Detection] = []
     total = h * w
-    for k, name in enumerate(names):
-        if bg_like[k]:
+    min_px = max(6, min_area * total)
+    comp, n = _label(fg)
+    dets: List[Detection] = []
+    if n == 0:
+        return dets
+    sizes = np.bincount(comp.ravel())
+    for ci in range(1, n + 1):
+        if sizes[ci] < min_px:
             continue
-        m = fg & (lab == k)
-        if m.sum() < max(6, min_area * total):
+        cm = comp == ci
+        ys, xs = np.nonzero(cm)
+        # object colour: median of the strongest half of its pixels (the core, away from the edges)
+        dd = dist[ys, xs]
+        core = dd >= np.median(dd)
+        c = np.median(f[ys[core], xs[core]], axis=0)
+        bgc = bg[int(ys.mean()), int(xs.mean())]
+        # soft coverage along the background -> object colour direction, over the whole image,
+        # with the pixels of other objects zeroed
+        u = c - bgc
+        uu = float(u @ u) + 1e-6
+        alpha_full = np.clip((diff @ u) / uu, 0.0, 1.0).astype(np.float32)
+        alpha_full[(comp != ci) & (comp != 0)] = 0.0
+        near = np.zeros_like(cm)
+        pad = 2
+        near[max(ys.min() - pad, 0):ys.max() + pad + 1, max(xs.min() - pad, 0):xs.max() + pad + 1] = True
+        alpha_full[~near] = 0.0
+        hy, hx = np.nonzero(alpha_full >= 0.5)
+        if len(hy) < 4:
             continue
-        comp, n = _label(m)
-        if n == 0:
-            continue
-        sizes = np.bincount(comp.ravel())
-        for ci in range(1, n + 1):
-            if sizes[ci] < max(6, min_area * total):
-                continue
-            cm = comp == ci
-            ys, xs = np.nonzero(cm)
-            sub = cm[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-            dets.append(Detection(name, classify_shape(sub), float(xs.mean() / w), float(ys.mean() / h),
-                                  float(sizes[ci] / total)))
+        shape, fit = classify_shape(alpha_full, (hx.min(), hy.min(), hx.max() + 1, hy.max() + 1),
+                                    _edge_blur(alpha_full))
+        colour = _classify_colour(c, bgc, names, pal)
+        dets.append(Detection(colour, shape, float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h),
+                              float(sizes[ci] / total), fit))
     return dets
 
 
