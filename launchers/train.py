@@ -1,4 +1,9 @@
-"""Train a MIRO model: python launchers/train.py --config configs/tiny_cpu.json [--set key=value ...]"""
+"""Train a MIRO model.
+
+    python launchers/train.py --config configs/tiny_cpu.json                      # one process
+    torchrun --nnodes N --nproc_per_node G launchers/train.py --config C --engine fsdp
+    deepspeed launchers/train.py --config configs/miro_16m.json                   # engine.kind deepspeed
+"""
 import argparse
 import sys
 from pathlib import Path
@@ -13,18 +18,29 @@ def main() -> int:
     parser.add_argument("--config", required=True, help="JSON config (see configs/)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. optim.lr=3e-4 model.latents_dim=512")
+    parser.add_argument("--engine", choices=["local", "fsdp", "deepspeed"],
+                        help="shorthand for --set engine.kind=...")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the output dir")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     args = parser.parse_args()
+    overrides = list(args.set) + ([f"engine.kind={args.engine}"] if args.engine else [])
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from miro_scale.train.trainer import Trainer
 
-    metrics = Trainer(cfg, resume=not args.no_resume).fit()
-    print(f"done: step {cfg.train.steps}, loss {metrics.get('loss', float('nan')):.4f}, "
-          f"checkpoints in {Path(cfg.train.output_dir) / 'checkpoints'}")
+    try:
+        trainer = Trainer(cfg, resume=not args.no_resume)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    metrics = trainer.fit()
+    if trainer.rank == 0:
+        print(f"done: step {trainer.step}, loss {metrics.get('loss', float('nan')):.4f}, "
+              f"checkpoints in {Path(cfg.train.output_dir) / 'checkpoints'}")
     return 0
 
 

@@ -178,7 +178,7 @@ class TrainConfig:
     steps: int = 500_000
     global_batch_size: int = 1024
     micro_batch_size: int = 64  # per process; accumulation = global / (micro * world)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast; fp16 would need loss scaling
     compile: bool = False
     seed: int = 0
     log_every: int = 10
@@ -195,6 +195,21 @@ class TrainConfig:
         _require(self.log_every >= 1, prefix, "log_every", "must be >= 1")
         _require(self.checkpoint_every >= 1, prefix, "checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, prefix, "keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """How the same model, loss and data are distributed (a thin adapter; see train/engines.py)."""
+
+    kind: Literal["local", "deepspeed", "fsdp"] = "local"
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    activation_checkpointing: bool = False  # recompute each RIN block in backward
+    fsdp_param_dtype: Literal["bf16", "fp32"] = "bf16"  # FSDP2 compute/communication dtype
+    fsdp_reduce_dtype: Literal["bf16", "fp32"] = "fp32"
+    fsdp_reshard_after_forward: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), prefix, "zero_stage", f"must be 0-3, got {self.zero_stage}")
 
 
 @dataclass
@@ -225,6 +240,7 @@ class MiroConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
@@ -234,6 +250,11 @@ class MiroConfig:
         _require(len(self.flow.latent_shift) == self.model.latent_channels, "flow.", "latent_shift",
                  f"has {len(self.flow.latent_shift)} channels, model.latent_channels is "
                  f"{self.model.latent_channels}")
+        if self.engine.kind == "deepspeed" and self.engine.zero_stage >= 1 and self.optim.name == "lamb":
+            raise ConfigError(
+                f"optim.name: LAMB's layer-wise trust ratio needs whole parameters, but DeepSpeed ZeRO stage "
+                f"{self.engine.zero_stage} hands the optimizer flattened partitions; use engine.zero_stage=0 "
+                f"(data parallel, exact LAMB), engine.kind=fsdp (sharded, exact LAMB) or optim.name=adamw")
         for name in ("reward_targets", "negative_reward_targets"):
             for key in getattr(self.sampling, name):
                 if key not in self.model.reward_keys:

@@ -69,12 +69,12 @@ def test_warmup_then_cosine_with_rate():
 
 def test_ema_tracks_parameters():
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, decay=0.5)
+    ema = EMA(dict(model.named_parameters()), decay=0.5)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
-    ema.update(model, step=1)
+    ema.update(dict(model.named_parameters()), step=1)
     torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
     target = torch.nn.Linear(2, 2)
-    ema.copy_to(target)
+    ema.copy_to(dict(target.named_parameters()))
     torch.testing.assert_close(target.weight.detach(), start + 1.0)

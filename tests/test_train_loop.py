@@ -49,11 +49,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "c")}))
     trainer = Trainer(cfg)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
 
     class PoisonedStream:
         def __init__(self, stream):
             self.stream = stream
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
 
         def __next__(self):
             batch = next(self.stream)
@@ -63,7 +66,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     trainer.data = PoisonedStream(trainer.data)
     metrics = trainer.train_step()
     assert metrics["skipped"] == 1.0 and trainer.nonfinite_steps == 1
-    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in trainer.engine.module.named_parameters())
     monkeypatch.setattr("miro_scale.train.trainer.MAX_CONSECUTIVE_NONFINITE", 3)
     trainer.train_step()
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):

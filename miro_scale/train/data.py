@@ -1,8 +1,11 @@
 """Training batches: an endless, resumable stream of micro-batches.
 
-The sampler walks a seeded permutation of the dataset per epoch; its state (epoch, position) is
-saved with each checkpoint, so a resumed run continues with exactly the next batch. With several
-processes, rank r takes every world-th index of the epoch's permutation.
+The sampler walks a seeded permutation of the dataset per epoch, cut into micro-batch-sized
+chunks; rank r takes chunks r, r + world, r + 2*world, ... So one optimizer step always consumes
+the same consecutive chunks whatever the split between processes and accumulation (1 rank x 2
+micro-batches sees what 2 ranks x 1 micro-batch see), and `last_chunk_id` names the chunk just
+served so per-sample randomness can be tied to it. The state (epoch, position) is saved with each
+checkpoint, so a resumed run continues with exactly the next batch.
 """
 from __future__ import annotations
 
@@ -22,27 +25,29 @@ class EpochBatchStream:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0  # position counts this rank's batches within the epoch
-        self._indices = (None, None)  # (epoch, this rank's indices) cache
+        # Whole rounds of `world` chunks only, so every rank serves the same number per epoch.
+        self.chunks_per_epoch = len(dataset) // (batch_size * world_size) * world_size
+        self.last_chunk_id = -1
+        self._order = (None, None)  # (epoch, permutation) cache
 
-    def _epoch_indices(self) -> torch.Tensor:
-        if self._indices[0] != self.epoch:
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order[0] != self.epoch:
             g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
-            order = torch.randperm(len(self.dataset), generator=g)
-            usable = len(order) - len(order) % (self.batch_size * self.world_size)  # same count per rank
-            self._indices = (self.epoch, order[:usable][self.rank::self.world_size])
-        return self._indices[1]
+            self._order = (self.epoch, torch.randperm(len(self.dataset), generator=g))
+        return self._order[1]
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        indices = self._epoch_indices()
-        start = self.position * self.batch_size
-        if start >= len(indices):
+        chunk = self.position * self.world_size + self.rank
+        if chunk >= self.chunks_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
             return next(self)
         self.position += 1
-        return collate([self.dataset[int(i)] for i in indices[start:start + self.batch_size]])
+        self.last_chunk_id = self.epoch * self.chunks_per_epoch + chunk
+        indices = self._epoch_order()[chunk * self.batch_size:(chunk + 1) * self.batch_size]
+        return collate([self.dataset[int(i)] for i in indices])
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

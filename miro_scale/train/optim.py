@@ -8,7 +8,7 @@ applied only where weight decay is on, so norms, biases and embeddings get neith
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -35,12 +35,40 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+class SkipNonFinite:
+    """Optimizer mixin: step() does nothing and sets .overflow when a gradient is non-finite.
+
+    DeepSpeed (ZeRO stage 0, no DeepSpeed mixed precision) reads .overflow to count the step as
+    skipped and hold the schedule, as its own fp16/bf16 optimizers do.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item()
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class GuardedLamb(SkipNonFinite, Lamb):
+    pass
+
+
+class GuardedAdamW(SkipNonFinite, torch.optim.AdamW):
+    pass
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, skip_non_finite: bool = False) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay)
     if cfg.name == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None,
-                    trust_clip=False, always_adapt=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        cls = GuardedLamb if skip_non_finite else Lamb
+        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None,
+                   trust_clip=False, always_adapt=False)
+    cls = GuardedAdamW if skip_non_finite else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, cosine_rate: float) -> float:
@@ -57,44 +85,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
 
 
 class EMA:
-    """Exponential moving average of parameters (buffers are copied), kept in fp32.
+    """Exponential moving average of parameters, kept in fp32, keyed by parameter name.
 
-    Works on plain and sharded (DTensor) parameters alike: it only needs elementwise ops on
-    tensors of the same layout, so each rank averages its own shard.
+    It is given each rank's local view of the parameters (whole tensors, DTensor shards under
+    FSDP2, ZeRO-3 partitions) and only does elementwise work, so every engine can use it and
+    each rank averages exactly what it holds.
     """
 
-    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+    def __init__(self, params: Dict[str, torch.Tensor], decay: float, start_step: int = 0):
         self.decay = decay
         self.start_step = start_step
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, params: Dict[str, torch.Tensor], step: int) -> None:
         decay = 0.0 if step < self.start_step else self.decay
         names = list(self.shadow)
-        params = dict(model.named_parameters())
-        current = [params[n].detach().float() for n in names]
-        torch._foreach_lerp_([self.shadow[n] for n in names], current, 1.0 - decay)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+                             1.0 - decay)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
+    def copy_to(self, params: Dict[str, torch.Tensor]) -> None:
+        for name, param in params.items():
             param.copy_(self.shadow[name].to(param.dtype))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return dict(self.shadow)
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) ^ set(state)
-        if missing:
-            raise KeyError(f"EMA state does not match the model; differing keys: {sorted(missing)[:5]}")
+        differing = set(self.shadow) ^ set(state)
+        if differing:
+            raise KeyError(f"EMA state does not match the model; differing keys: {sorted(differing)[:5]}")
         for name, value in state.items():
             self.shadow[name].copy_(value)
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global-norm clipping; max_norm 0 only measures."""
-    params = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])

@@ -1,14 +1,14 @@
 """The training loop: model, loss and data know nothing of how they are distributed.
 
-One process here; distributed engines plug in as thin adapters around the same loop.
-Each optimizer step: `accumulation` micro-batches -> grad clip -> skip if non-finite -> LAMB ->
-schedule -> EMA. Logs go to JSONL and TensorBoard; checkpoints are atomic and resumable
-(model, optimizer, scheduler, EMA, RNG states, data position, step).
+Each optimizer step: `accumulation` micro-batches through the engine's backward, then the engine's
+step (clip, skip if non-finite, LAMB, schedule), then the EMA. Logs go to JSONL and TensorBoard on
+rank 0; checkpoints are atomic and resumable (model, optimizer, scheduler, EMA, RNG states, data
+position, step), periodic and on SIGTERM/SIGUSR1 (SLURM preemption).
 """
 from __future__ import annotations
 
 import json
-import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from miro_scale.config import MiroConfig, config_to_dict
+from miro_scale.config import ConfigError, MiroConfig, config_to_dict
 from miro_scale.flow import MiroFlowModel, flow_matching_loss
-from miro_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from miro_scale.train import checkpoint
 from miro_scale.train.data import EpochBatchStream, build_dataset
-from miro_scale.train.optim import EMA, build_optimizer, build_scheduler, clip_grad_norm
+from miro_scale.train.engines import build_engine
+from miro_scale.train.optim import EMA
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 MAX_CONSECUTIVE_NONFINITE = 20
 
 
@@ -32,77 +34,125 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def init_distributed(cfg: MiroConfig) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun / the deepspeed launcher describe in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if cfg.engine.kind == "local" and world > 1:
+        raise ConfigError(f"engine.kind: 'local' runs one process, but WORLD_SIZE is {world}; "
+                          f"use --engine fsdp or deepspeed")
+    if cfg.engine.kind != "local" and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def accumulation_steps(cfg: MiroConfig, world: int) -> int:
+    per_step = cfg.train.micro_batch_size * world
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
+                          f"micro_batch_size x world size ({cfg.train.micro_batch_size} x {world})")
+    return cfg.train.global_batch_size // per_step
+
+
 class Trainer:
-    def __init__(self, cfg: MiroConfig, device: Optional[str] = None, resume: bool = True):
+    def __init__(self, cfg: MiroConfig, resume: bool = True):
         self.cfg = cfg
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Every config check runs before a process group starts.
+        self.accumulation = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.rank, self.world, self.device = init_distributed(cfg)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        torch.manual_seed(cfg.train.seed)
-        self.model = MiroFlowModel(cfg.model, cfg.flow).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start_step)
-        self.accumulation = cfg.train.global_batch_size // cfg.train.micro_batch_size
-        self.data = EpochBatchStream(build_dataset(cfg), cfg.train.micro_batch_size, cfg.train.seed)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed + 1)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = MiroFlowModel(cfg.model, cfg.flow).to(self.device)
+        self.engine = build_engine(model, cfg, self.accumulation)
+        self.ema = EMA(self.engine.local_parameters(), cfg.optim.ema_decay, cfg.optim.ema_start_step)
+        self.data = EpochBatchStream(build_dataset(cfg), cfg.train.micro_batch_size, cfg.train.seed,
+                                     self.rank, self.world)
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
+        # Noise, gamma and self-conditioning draws are seeded per data chunk (see train_step).
+        self.generator = torch.Generator(self.device)
         self.step = 0
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self._stop_signal: Optional[int] = None
-        self.forward_model = torch.compile(self.model) if cfg.train.compile else self.model
-        if resume and (path := latest_checkpoint(self.ckpt_dir)) is not None:
+        forward = self.engine.forward_module
+        self.forward_model = torch.compile(forward) if cfg.train.compile else forward
+        if resume and (path := checkpoint.latest_checkpoint(self.ckpt_dir)) is not None:
             self.load(path)
 
     # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> Dict:
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _rank_state(self) -> Dict:
         return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict(),
+            "ema": {n: t.to_local() if hasattr(t, "to_local") else t for n, t in self.ema.state_dict().items()},
             "data": self.data.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
-            "nonfinite_steps": self.nonfinite_steps,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
         }
 
+    def save(self) -> Path:
+        root = self.ckpt_dir
+        if self.rank == 0:
+            checkpoint.prepare_staging(root, self.step)
+        self._barrier()
+        staging = checkpoint.staging_dir(root, self.step)
+        self.engine.save(staging)
+        torch.save(self._rank_state(), checkpoint.rank_file(staging, self.rank))
+        self._barrier()
+        if self.rank == 0:
+            checkpoint.commit(root, self.step, {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
+                                                "world_size": self.world},
+                              config_to_dict(self.cfg), self.cfg.train.keep_checkpoints)
+        self._barrier()
+        return root / f"step_{self.step:08d}"
+
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ema.load_state_dict(state["ema"])
+        trainer_state = checkpoint.read_trainer_state(path)
+        self.engine.load(path)
+        state = checkpoint.load_rank_state(path, self.rank)
+        for name, shard in state["ema"].items():
+            target = self.ema.shadow[name]
+            (target.to_local() if hasattr(target, "to_local") else target).copy_(shard)
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["generator"])
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step = state["step"]
-        self.nonfinite_steps = state["nonfinite_steps"]
-
-    def save(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), config_to_dict(self.cfg),
-                               self.cfg.train.keep_checkpoints)
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = trainer_state["step"]
+        self.nonfinite_steps = trainer_state["nonfinite_steps"]
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
         dtype = PRECISIONS[self.cfg.train.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
-        self.model.train()
+        self.forward_model.train()
         total_loss, raw_loss = 0.0, 0.0
-        for _ in range(self.accumulation):
+        for micro in range(self.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
+            # Randomness tied to the data chunk: the same run gives the same draws on any number
+            # of ranks, and resuming needs no generator state.
+            self.generator.manual_seed(self.cfg.train.seed * 1_000_003 + self.data.last_chunk_id)
             with autocast:
                 loss, metrics = flow_matching_loss(self.forward_model, batch, self.cfg.flow,
                                                    self.cfg.model.self_conditioning, self.generator)
-            (loss / self.accumulation).backward()
+            self.engine.backward(loss, last_micro_batch=micro == self.accumulation - 1)
             total_loss += loss.item() / self.accumulation
             raw_loss += metrics["raw_loss"].item() / self.accumulation
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip).item()
-        skipped = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
-        if skipped:
+        result = self.engine.step()
+        self.step += 1
+        if dist.is_initialized():  # log the global mean, not rank 0's share
+            losses = torch.tensor([total_loss, raw_loss], dtype=torch.float64,
+                                  device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(losses)
+            total_loss, raw_loss = (losses / self.world).tolist()
+        if result.skipped:
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
             if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
@@ -111,55 +161,67 @@ class Trainer:
                     f"(last at step {self.step}); lower optim.lr or check the data")
         else:
             self.consecutive_nonfinite = 0
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        if not skipped:
-            self.ema.update(self.model, self.step)
-        return {"loss": total_loss, "raw_loss": raw_loss, "grad_norm": grad_norm,
-                "lr": self.scheduler.get_last_lr()[0], "skipped": float(skipped)}
+            self.ema.update(self.engine.local_parameters(), self.step)
+        return {"loss": total_loss, "raw_loss": raw_loss, "grad_norm": result.grad_norm,
+                "lr": self.engine.lr(), "skipped": float(result.skipped)}
 
     # -- the loop -----------------------------------------------------------------------------
     def _request_stop(self, signum, _frame) -> None:
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        """Any rank's signal stops every rank at the same step."""
+        flag = torch.tensor([self._stop_signal is not None], dtype=torch.int32,
+                            device=self.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def fit(self, max_steps: Optional[int] = None) -> Dict[str, float]:
         """Train until train.steps (or max_steps more steps); returns the last logged metrics."""
-        from torch.utils.tensorboard import SummaryWriter
-
         end = self.cfg.train.steps if max_steps is None else min(self.cfg.train.steps, self.step + max_steps)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        is_main = self.rank == 0
+        writer = log = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step)
+            log = open(self.out_dir / "metrics.jsonl", "a")
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step)
-        samples_per_step = self.cfg.train.global_batch_size
         last: Dict[str, float] = {}
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
         try:
-            with open(self.out_dir / "metrics.jsonl", "a") as log, \
-                    tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True) as bar:
-                tick = time.perf_counter()
-                while self.step < end:
-                    metrics = self.train_step()
-                    bar.update(1)
-                    if self.step % self.cfg.train.log_every == 0 or self.step == end:
-                        elapsed = time.perf_counter() - tick
-                        metrics["images_per_s"] = samples_per_step * self.cfg.train.log_every / max(elapsed, 1e-9)
-                        metrics["nonfinite_steps"] = self.nonfinite_steps
-                        tick = time.perf_counter()
+            tick, ticked_at = time.perf_counter(), self.step
+            while self.step < end:
+                metrics = self.train_step()
+                bar.update(1)
+                if self.step % self.cfg.train.log_every == 0 or self.step == end:
+                    elapsed = time.perf_counter() - tick
+                    metrics["images_per_s"] = (self.cfg.train.global_batch_size * (self.step - ticked_at)
+                                               / max(elapsed, 1e-9))
+                    metrics["nonfinite_steps"] = self.nonfinite_steps
+                    tick, ticked_at = time.perf_counter(), self.step
+                    if is_main:
                         log.write(json.dumps({"step": self.step, **metrics}) + "\n")
                         log.flush()
                         for key, value in metrics.items():
                             writer.add_scalar(f"train/{key}", value, self.step)
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                        last = metrics
-                    if self.step % self.cfg.train.checkpoint_every == 0 or self.step == end:
+                    last = metrics
+                periodic = self.step % self.cfg.train.checkpoint_every == 0 or self.step == end
+                if periodic:
+                    self.save()
+                if self._stop_requested():
+                    if not periodic:
                         self.save()
-                    if self._stop_signal is not None:
-                        self.save()
-                        break
+                    break
         finally:
-            writer.close()
+            bar.close()
+            if is_main:
+                writer.close()
+                log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return last
