@@ -57,11 +57,13 @@ def num_warps_for(tile_elements: int) -> int:
 
 
 def row_tile(n_cols: int):
-    """(BLOCK_N, tile rows): a whole row per tile; several rows per tile only when rows are narrow."""
+    """(BLOCK_N, tile rows, num_warps) of the row-reduction kernels: a whole row per tile; several
+    rows per tile only when rows are narrow."""
     block_n = triton.next_power_of_2(max(n_cols, 1))
     if block_n > MAX_BLOCK_N:
         raise ValueError(f"rows of {n_cols} elements exceed the single-tile limit of {MAX_BLOCK_N}")
-    return block_n, max(1, ROW_TILE_ELEMENTS // block_n)
+    tile_rows = max(1, ROW_TILE_ELEMENTS // block_n)
+    return block_n, tile_rows, num_warps_for(block_n * tile_rows)
 
 
 def reduction_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:

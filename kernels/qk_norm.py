@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels._triton_support import num_warps_for, reduction_programs, row_tile, strided_rows, tl, triton
+from kernels._triton_support import reduction_programs, row_tile, strided_rows, tl, triton
 
 
 def _norm_reference(x, weight, bias, eps, kind):
@@ -187,7 +187,7 @@ def _qk_norm_forward(q, k, q_weight, k_weight, eps, q_bias, k_bias, kind):
     (q,), (q_size1, q_size2), (q_strides,) = strided_rows(q)
     (k,), (k_size1, k_size2), (k_strides,) = strided_rows(k)
     n_cols = q.shape[-1]
-    block_n, tile_rows = row_tile(n_cols)
+    block_n, tile_rows, num_warps = row_tile(n_cols)
     grid = (triton.cdiv(q_rows, tile_rows) + triton.cdiv(k_rows, tile_rows),)
     q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
     _qk_norm_fwd_kernel[grid](
@@ -195,7 +195,7 @@ def _qk_norm_forward(q, k, q_weight, k_weight, eps, q_bias, k_bias, kind):
         k, k_weight, k_weight if k_bias is None else k_bias.contiguous(), k_out, k_rows, k_size1, k_size2, *k_strides,
         n_cols, eps,
         IS_LAYER=kind == "layer", Q_HAS_BIAS=q_bias is not None, K_HAS_BIAS=k_bias is not None,
-        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps_for(block_n * tile_rows),
+        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps,
     )
     return q_out, k_out
 
@@ -206,8 +206,7 @@ def _qk_norm_backward(dq_out, dk_out, q, k, q_weight, k_weight, eps, kind):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     q_rows, k_rows = q.numel() // max(n_cols, 1), k.numel() // max(n_cols, 1)
-    block_n, tile_rows = row_tile(n_cols)
-    num_warps = num_warps_for(block_n * tile_rows)
+    block_n, tile_rows, num_warps = row_tile(n_cols)
 
     def programs(n_rows):
         return reduction_programs(q.device, triton.cdiv(n_rows, tile_rows), num_warps) if n_rows else 0

@@ -11,7 +11,7 @@ so this costs no memory traffic and leaves nothing extra alive between forward a
 """
 import torch
 
-from kernels._triton_support import as_rows, num_warps_for, reduction_programs, row_tile, tl, triton
+from kernels._triton_support import as_rows, reduction_programs, row_tile, tl, triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -83,11 +83,11 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_n, tile_rows = row_tile(n_cols)
+    block_n, tile_rows, num_warps = row_tile(n_cols)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, tile_rows),)](
         x_rows, weight.contiguous(), y,
         n_rows, n_cols, x_rows.stride(0), n_cols, eps,
-        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps_for(block_n * tile_rows),
+        BLOCK_N=block_n, ROWS=tile_rows, num_warps=num_warps,
     )
     return y
 
@@ -99,8 +99,7 @@ def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
         return dx, torch.zeros_like(weight)
-    block_n, tile_rows = row_tile(n_cols)
-    num_warps = num_warps_for(block_n * tile_rows)
+    block_n, tile_rows, num_warps = row_tile(n_cols)
     n_programs = reduction_programs(x.device, triton.cdiv(n_rows, tile_rows), num_warps)
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(n_programs,)](
