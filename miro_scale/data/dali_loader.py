@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from .decode import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop
-from .format import IMAGE_EXTS, JSON_EXT, TEXT_EXT, SampleError, image_ext, split_member_name
+from .format import IMAGE_EXTS, INDEX_VERSION, JSON_EXT, TEXT_EXT, SampleError, image_ext, split_member_name
 from .loader import PlannedLoader
 from .plan import num_batches
-from .tario import MemberReader, format_index
+from .tario import MemberReader
 
 _IMAGE_EXT_ARG = ";".join(IMAGE_EXTS)
 
@@ -82,7 +82,8 @@ class DaliLoader(PlannedLoader):
             pos = di.pos_of[ids[a:b]]
             p = os.path.join(d, f"{k:07d}.idx")
             with open(p, "w") as f:
-                f.write(format_index([shard_idx.keys[j] for j in pos], [shard_idx.members[j] for j in pos]))
+                lines = shard_idx.index_lines(pos)
+                f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
             paths.append(os.path.abspath(di.shards[s]))
             idxs.append(p)
         return paths, idxs

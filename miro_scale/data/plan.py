@@ -44,10 +44,10 @@ class DatasetIndex:
         return int(self.shard_of.shape[0])
 
     def key(self, i: int) -> str:
-        return self.indices[self.shard_of[i]].keys[self.pos_of[i]]
+        return self.indices[self.shard_of[i]].key(self.pos_of[i])
 
     def members(self, i: int) -> dict:
-        return self.indices[self.shard_of[i]].members[self.pos_of[i]]
+        return self.indices[self.shard_of[i]].member_dict(self.pos_of[i])
 
     def where(self, i: int) -> str:
         return f"{self.shards[self.shard_of[i]]}:{self.key(i)}"
@@ -114,24 +114,27 @@ def build_dataset_index(shards: Sequence[str], required: Iterable, use_index_fil
         if idx.cut_key is not None:
             skipped["truncated_sample"] += 1
             messages.append(f"{shards[s]}:{idx.cut_key}: skipped (its members are cut by the tar's end)")
-        keep = []
-        for j, mem in enumerate(idx.members):
-            reason = None
-            for alts in required:
-                found = [e for e in alts if e in mem]
-                if not found:
-                    reason = ("missing_image" if alts == tuple(IMAGE_EXTS) else f"missing_{alts[0]}")
-                    break
-                if mem[found[0]][1] == 0:
-                    reason = "empty_member"
-                    missing_ext = found[0]
-                    break
-            if reason is None:
-                keep.append(j)
-            else:
-                skipped[reason] += 1
-                what = f"member .{missing_ext} is empty" if reason == "empty_member" else reason
-                messages.append(f"{shards[s]}:{idx.keys[j]}: skipped ({what})")
+        n = len(idx)
+        ok = np.ones(n, dtype=bool)
+        col = {e: c for c, e in enumerate(idx.exts)}
+        for alts in required:  # vectorised: the first alternative present must be non-empty
+            chosen = np.full(n, -1, dtype=np.int64)
+            for e in reversed(alts):
+                if e in col:
+                    present = idx.sizes[:, col[e]] >= 0
+                    chosen = np.where(present, idx.sizes[:, col[e]], chosen)
+            missing = ok & (chosen < 0)
+            empty = ok & (chosen == 0)
+            name = "missing_image" if alts == tuple(IMAGE_EXTS) else f"missing_{alts[0]}"
+            for j in np.flatnonzero(missing):
+                skipped[name] += 1
+                messages.append(f"{shards[s]}:{idx.key(j)}: skipped ({name})")
+            for j in np.flatnonzero(empty):
+                e = next(a for a in alts if a in col and idx.sizes[j, col[a]] >= 0)
+                skipped["empty_member"] += 1
+                messages.append(f"{shards[s]}:{idx.key(j)}: skipped (member .{e} is empty)")
+            ok &= ~(missing | empty)
+        keep = np.flatnonzero(ok)
         shard_of.append(np.full(len(keep), s, dtype=np.int32))
         pos_of.append(np.asarray(keep, dtype=np.int32))
     di = DatasetIndex(shards=shards, indices=indices,

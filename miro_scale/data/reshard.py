@@ -133,10 +133,11 @@ def index_shards(paths: Sequence[str], progress: bool = True) -> list:
     by_dir: dict = {}
     for p in tqdm(paths, desc="index", disable=not progress):
         idx = load_index(p, use_idx_file=False)
-        write_index_file(index_path_for(p), idx.keys, idx.members)
+        keys = idx.keys
+        write_index_file(index_path_for(p), keys, idx.members)
         by_dir.setdefault(os.path.dirname(os.path.abspath(p)), []).append(
             {"name": os.path.basename(p), "num_samples": len(idx), "num_bytes": os.path.getsize(p),
-             "keys_sha256": keys_digest(idx.keys), **({"truncated": True} if idx.truncated else {})})
+             "keys_sha256": keys_digest(keys), **({"truncated": True} if idx.truncated else {})})
     for d, entries in by_dir.items():
         write_manifest(d, entries)
     return [e for es in by_dir.values() for e in es]

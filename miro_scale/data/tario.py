@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from dataclasses import dataclass, field
+
+import numpy as np
 from typing import Iterator
 
 from .format import INDEX_VERSION, split_member_name
@@ -21,17 +22,64 @@ log = logging.getLogger("miro_scale.data")
 Members = dict  # ext -> (offset, size, member name)
 
 
-@dataclass
 class ShardIndex:
-    path: str
-    keys: list = field(default_factory=list)
-    members: list = field(default_factory=list)  # list[Members], parallel to keys
-    truncated: bool = False
-    cut_key: str | None = None  # the sample a truncation cut (left out of the index)
-    source: str = "scan"  # "idx" or "scan"
+    """A shard's samples in tar order, stored compactly: keys as a bytes array, and per member
+    extension (``exts``) the data offset and size as int64 arrays ``[n, len(exts)]`` (size -1:
+    member absent). ``keys``/``members`` give list views (slow; for tools and tests)."""
+
+    def __init__(self, path: str, keys=(), members=(), truncated: bool = False,
+                 cut_key: str | None = None, source: str = "scan"):
+        self.path, self.truncated, self.cut_key, self.source = path, truncated, cut_key, source
+        exts: list = []
+        for mem in members:
+            for e in mem:
+                if e not in exts:
+                    exts.append(e)
+        self.exts = tuple(exts)
+        col = {e: c for c, e in enumerate(self.exts)}
+        n = len(keys)
+        self.offsets = np.zeros((n, len(self.exts)), dtype=np.int64)
+        self.sizes = np.full((n, len(self.exts)), -1, dtype=np.int64)
+        for j, mem in enumerate(members):
+            for e, v in mem.items():
+                self.offsets[j, col[e]] = v[0]
+                self.sizes[j, col[e]] = v[1]
+        self.key_bytes = np.array([k.encode("utf-8") for k in keys], dtype=bytes) if n else \
+            np.zeros(0, dtype="S1")
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return int(self.key_bytes.shape[0])
+
+    def key(self, j: int) -> str:
+        return self.key_bytes[j].decode("utf-8")
+
+    def member_dict(self, j: int) -> dict:
+        """``{ext: (offset, size, member name)}`` of sample j."""
+        k = self.key(j)
+        return {e: (int(self.offsets[j, c]), int(self.sizes[j, c]), f"{k}.{e}")
+                for c, e in enumerate(self.exts) if self.sizes[j, c] >= 0}
+
+    def index_lines(self, positions) -> list:
+        """DALI index lines for the samples at ``positions`` (in that order)."""
+        out = []
+        for j in positions:
+            k = self.key(j)
+            out.append(" ".join(f"{e} {int(self.offsets[j, c])} {int(self.sizes[j, c])} {k}.{e}"
+                                for c, e in enumerate(self.exts) if self.sizes[j, c] >= 0))
+        return out
+
+    def max_end(self) -> int:
+        if self.sizes.size == 0:
+            return 0
+        return int(np.where(self.sizes >= 0, self.offsets + self.sizes, 0).max())
+
+    @property
+    def keys(self) -> list:
+        return [self.key(j) for j in range(len(self))]
+
+    @property
+    def members(self) -> list:
+        return [self.member_dict(j) for j in range(len(self))]
 
 
 def index_path_for(tar_path: str) -> str:
@@ -45,7 +93,9 @@ def format_index(keys: list, members: list) -> str:
     lines = [f"{INDEX_VERSION} {len(keys)}"]
     for key, mem in zip(keys, members):
         parts = []
-        for ext, (off, size, name) in mem.items():
+        for ext, v in mem.items():
+            off, size = v[0], v[1]
+            name = f"{key}.{ext}"
             if any(c.isspace() for c in name):
                 raise ValueError(f"member name {name!r} has whitespace; DALI's index cannot hold it")
             parts.append(f"{ext} {off} {size} {name}")
@@ -68,7 +118,7 @@ def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
         if len(header) != 2 or header[0] != INDEX_VERSION:
             raise ValueError(f"{idx_path}: unsupported index header {' '.join(header)!r}")
         expected = int(header[1])
-        idx = ShardIndex(path=tar_path, source="idx")
+        keys, members = [], []
         for lineno, line in enumerate(f, start=2):
             tok = line.split()
             if not tok:
@@ -81,17 +131,19 @@ def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
                 ext, off, size, name = tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]
                 mem[ext] = (off, size, name)
                 key = split_member_name(name)[0]
-            idx.keys.append(key)
-            idx.members.append(mem)
-    if len(idx.keys) != expected:
-        raise ValueError(f"{idx_path}: header says {expected} samples, found {len(idx.keys)}")
-    return idx
+            keys.append(key)
+            members.append(mem)
+    if len(keys) != expected:
+        raise ValueError(f"{idx_path}: header says {expected} samples, found {len(keys)}")
+    return ShardIndex(tar_path, keys, members, source="idx")
 
 
 def scan_tar(tar_path: str) -> ShardIndex:
     """Index a tar by reading its headers. Keys group *consecutive* members, as DALI's ``wds2idx``
     does; hidden files (basename starting with '.') and non-regular entries are ignored."""
-    idx = ShardIndex(path=tar_path, source="scan")
+    keys: list = []
+    members: list = []
+    truncated, cut_key = False, None
     file_size = os.path.getsize(tar_path)
     last_key = None
     try:
@@ -100,9 +152,9 @@ def scan_tar(tar_path: str) -> ShardIndex:
                 try:
                     ti = tf.next()
                 except (tarfile.ReadError, EOFError, OSError) as e:
-                    idx.truncated = True
+                    truncated = True
                     log.warning("%s: tar is damaged or truncated after key %s (%s); indexed %d samples",
-                                tar_path, last_key, e, len(idx.keys))
+                                tar_path, last_key, e, len(keys))
                     break
                 if ti is None:
                     break
@@ -110,25 +162,25 @@ def scan_tar(tar_path: str) -> ShardIndex:
                     continue
                 key, ext = split_member_name(ti.name)
                 if ti.offset_data + ti.size > file_size:
-                    idx.truncated = True
-                    if idx.keys and idx.keys[-1] == key:  # drop the sample's earlier members too
-                        idx.keys.pop()
-                        idx.members.pop()
-                    idx.cut_key = key
+                    truncated = True
+                    if keys and keys[-1] == key:  # drop the sample's earlier members too
+                        keys.pop()
+                        members.pop()
+                    cut_key = key
                     log.warning("%s: tar is truncated inside member %s; indexed %d samples",
-                                tar_path, ti.name, len(idx.keys))
+                                tar_path, ti.name, len(keys))
                     break
                 if not key or key.endswith("/"):
                     continue
                 if key != last_key:
-                    idx.keys.append(key)
-                    idx.members.append({})
+                    keys.append(key)
+                    members.append({})
                     last_key = key
-                idx.members[-1][ext] = (ti.offset_data, ti.size, ti.name)
+                members[-1][ext] = (ti.offset_data, ti.size)
     except tarfile.ReadError as e:  # not a tar at all (or empty file)
-        idx.truncated = True
+        truncated = True
         log.warning("%s: cannot be read as a tar (%s); no samples", tar_path, e)
-    return idx
+    return ShardIndex(tar_path, keys, members, truncated=truncated, cut_key=cut_key, source="scan")
 
 
 def load_index(tar_path: str, use_idx_file: bool = True) -> ShardIndex:
@@ -138,7 +190,7 @@ def load_index(tar_path: str, use_idx_file: bool = True) -> ShardIndex:
         try:
             idx = read_index_file(idx_path, tar_path)
             size = os.path.getsize(tar_path)
-            if all(off + sz <= size for mem in idx.members for off, sz, _ in mem.values()):
+            if idx.max_end() <= size:
                 return idx
             log.warning("%s: index %s points past the end of the tar (stale or truncated tar); "
                         "rescanning", tar_path, idx_path)
@@ -185,7 +237,8 @@ def iter_samples(tar_path: str) -> Iterator[tuple[str, dict]]:
     truncation (the last, incomplete sample is still yielded; callers check its members)."""
     idx = load_index(tar_path)
     with open(tar_path, "rb") as f:
-        for key, mem in zip(idx.keys, idx.members):
+        for j in range(len(idx)):
+            key, mem = idx.key(j), idx.member_dict(j)
             data = {}
             for ext, (off, size, _) in mem.items():
                 f.seek(off)
