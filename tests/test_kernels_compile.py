@@ -1,4 +1,4 @@
-"""The kernels as torch.library ops: opcheck, torch.compile without graph breaks, autocast.
+"""The kernels as torch.library ops: opcheck, torch.compile without graph breaks, autocast, FSDP2.
 
 Runs in the TRITON_INTERPRET=1 child of tests/test_kernels_interpreter.py, so the compiled graphs
 call the real Triton kernels (interpreted) on CPU tensors.
@@ -105,3 +105,42 @@ def test_autocast_bf16_matches_reference_path(monkeypatch):
     for a, b in zip(fused_grads, ref_grads):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+class TinyBlock(torch.nn.Module):
+    """Parameters that FSDP2 shards and unshards around the kernels' ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(96))
+        self.qkv = torch.nn.Linear(96, 3 * 96)
+        self.q_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(32))
+        self.k_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(32))
+        self.ffn = torch.nn.Linear(96, 2 * 64)
+
+    def forward(self, x):
+        h = kernels.rms_norm(x, self.norm_weight, EPS)
+        q, k, v = self.qkv(h).view(*x.shape[:2], 3, 3, 32).unbind(2)
+        q, k = kernels.qk_norm(q, k, self.q_weight, self.k_weight, EPS)
+        return kernels.swiglu_packed(self.ffn(h)).square().mean() + (q * k * v).mean()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fsdp2_single_rank_grads_match_unsharded(compiled, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        reference, sharded = TinyBlock(), TinyBlock()
+        sharded.load_state_dict(reference.state_dict())
+        fully_shard(sharded)
+        model = torch.compile(sharded, backend="aot_eager") if compiled else sharded
+        x = torch.randn(2, 8, 96)
+        reference(x).backward()
+        model(x).backward()
+        for (name, param), ref_param in zip(sharded.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(param.grad.full_tensor(), ref_param.grad, msg=lambda m: f"{name}: {m}")
+    finally:
+        dist.destroy_process_group()
