@@ -8,7 +8,7 @@ import torch
 
 from miro_scale.data._testing import simple_dataset
 from miro_scale.data.loader import WebDatasetLoader
-from miro_scale.data.plan import epoch_order, rank_range
+from miro_scale.data.plan import epoch_order, rank_chunks
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
@@ -100,7 +100,7 @@ def test_resume_mid_epoch_exactly(ds, stop_after, workers_after):
     got += [b for b in R] + [b for b in R]
     assert [b["keys"] for b in got] == [b["keys"] for b in ref_batches]
     for a, b in zip(got, ref_batches):  # sampled latents are reproducible too
-        assert torch.equal(a["latent"], b["latent"])
+        assert torch.equal(a["latents"], b["latents"])
     assert R.epoch == 2
 
 
@@ -116,28 +116,53 @@ def test_latents_and_text_embeddings(ds):
                          latent_sample=False, num_workers=0, drop_last=False)
     for b in L:
         assert "image" not in b
-        assert b["latent"].shape[1:] == (4, 4, 4) and b["latent"].dtype == torch.float32
-        assert b["text_emb"].shape[1:] == (6, 8) and b["text_mask"].dtype == torch.bool
-        for k, lat, emb, m in zip(b["keys"], b["latent"], b["text_emb"], b["text_mask"]):
+        assert b["latents"].shape[1:] == (4, 4, 4) and b["latents"].dtype == torch.float32
+        assert b["text_embeddings"].shape[1:] == (6, 8) and b["text_mask"].dtype == torch.bool
+        for k, lat, emb, m in zip(b["keys"], b["latents"], b["text_embeddings"], b["text_mask"]):
             i = int(k[1:])
             assert torch.all(lat == i)
             n = 3 + i % 5
             assert m.sum().item() == min(n, 6) and m[:min(n, 6)].all()
             assert torch.all(emb[m] == i) and torch.all(emb[~m] == 0)
     S = WebDatasetLoader(ds, 6, mode="latent", latent_sample=True, num_workers=0, seed=0)
-    lat = next(iter(S))["latent"]
+    lat = next(iter(S))["latents"]
     assert lat.std() > 0.1  # mean + 0.5 * eps
 
 
 def test_plan_partitions():
-    # rank ranges tile [0, n) (no drop) and give equal full batches (drop)
+    # ranks' chunks tile all chunks (no drop) / whole rounds of full chunks (drop)
     for n in (0, 1, 7, 100, 101):
         for world in (1, 2, 3, 8):
-            spans = [rank_range(n, r, world, 4, False) for r in range(world)]
-            assert spans[0][0] == 0 and spans[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-            d = [rank_range(n, r, world, 4, True) for r in range(world)]
-            assert len({b - a for a, b in d}) == 1 and (d[0][1] - d[0][0]) % 4 == 0
+            chunks = sorted(c for r in range(world) for c in rank_chunks(n, r, world, 4, False))
+            assert chunks == list(range((n + 3) // 4))
+            d = [len(rank_chunks(n, r, world, 4, True)) for r in range(world)]
+            assert len(set(d)) == 1 and d[0] * world * 4 <= n < (d[0] + 1) * world * 4
+
+
+def test_step_contents_independent_of_world_size_and_elastic_resume(ds):
+    """2 ranks x 1 batch per step == 1 rank x 2 accumulated batches; resume 1 -> 2 ranks."""
+    mk = lambda r, w: WebDatasetLoader(ds, 4, resolution=16, rank=r, world_size=w,  # noqa: E731
+                                       num_workers=0, seed=5)
+    one = [b["keys"] for b in mk(0, 1)]
+    r0, r1 = [b["keys"] for b in mk(0, 2)], [b["keys"] for b in mk(1, 2)]
+    steps_two_ranks = [set(a) | set(b) for a, b in zip(r0, r1)]
+    steps_accum = [set(one[2 * s]) | set(one[2 * s + 1]) for s in range(len(one) // 2)]
+    assert steps_two_ranks == steps_accum
+    L = mk(0, 1)
+    it = iter(L)
+    for _ in range(4):
+        next(it)
+    st = L.state_dict()
+    del it
+    R0, R1 = mk(0, 2), mk(1, 2)
+    R0.load_state_dict(st)
+    R1.load_state_dict(st)
+    assert R0.batch_in_epoch == 2
+    rest = [set(a["keys"]) | set(b["keys"]) for a, b in zip(R0, R1)]
+    assert rest == steps_accum[2:]
+    L.batch_in_epoch = 3
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        mk(0, 2).load_state_dict(L.state_dict())
 
 
 def test_epoch_order_is_a_permutation(ds):

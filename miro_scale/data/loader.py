@@ -3,10 +3,10 @@
 All loaders (this one, :class:`miro_scale.data.dali_loader.DaliLoader`) yield the same batch dict:
 
 ``"image"``      float32 [B, 3, H, W] in [-1, 1] (``mode="image"``), or
-``"latent"``     float32 [B, C, h, w] raw VAE latents (``mode="latent"``: mean + std * eps, or the mean)
+``"latents"``    float32 [B, C, h, w] raw VAE latents (``mode="latent"``: mean + std * eps, or the mean)
 ``"text"``       list[str] of B captions (always; ``caption_source`` "txt", a ``json["captions"]``
                  name, or a {name: weight} mix drawn per sample and epoch)
-``"text_emb"``   float32 [B, L, D] and ``"text_mask"`` bool [B, L] (``text_embeddings=True``)
+``"text_embeddings"`` float32 [B, L, D] and ``"text_mask"`` bool [B, L] (``text_embeddings=True``)
 ``"rewards"``    float32 [B, N]: the normalised bin values of ``reward_keys``, in that order
 ``"keys"``       list[str] of B sample keys (``"shard_name/key"`` is in ``"where"``)
 
@@ -29,7 +29,7 @@ from .decode import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop
 from .format import (IMAGE_EXTS, JSON_EXT, LATENT_MEAN_EXT, LATENT_STD_EXT, TEXT_EMB_EXT,
                      TEXT_MASK_EXT, TEXT_EXT, SampleError, choose_caption, image_ext, parse_json,
                      reward_vector)
-from .plan import (DatasetIndex, build_dataset_index, epoch_order, num_batches, rank_range,
+from .plan import (DatasetIndex, build_dataset_index, epoch_order, num_batches, rank_chunks, rank_slice,
                    resolve_shards)
 from .tario import MemberReader
 
@@ -104,7 +104,7 @@ class PlannedLoader:
                 self._warn(m)
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of this epoch already handed out
-        rank_range(len(self.index), self.rank, self.world_size, self.batch_size, self.drop_last)
+        rank_chunks(len(self.index), self.rank, self.world_size, self.batch_size, self.drop_last)
 
     # -- plan --------------------------------------------------------------------------------
     @property
@@ -115,12 +115,11 @@ class PlannedLoader:
     def rank_order(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in order."""
         order = epoch_order(self.index, self.seed, epoch, self.shuffle, self.shuffle_chunk)
-        a, b = rank_range(len(order), self.rank, self.world_size, self.batch_size, self.drop_last)
-        return order[a:b]
+        return rank_slice(order, self.rank, self.world_size, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
-        a, b = rank_range(len(self.index), self.rank, self.world_size, self.batch_size, self.drop_last)
-        return num_batches(b - a, self.batch_size)
+        return len(rank_chunks(len(self.index), self.rank, self.world_size, self.batch_size,
+                               self.drop_last))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_in_epoch = int(epoch), 0
@@ -134,13 +133,24 @@ class PlannedLoader:
                 "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "shuffle", "shuffle_chunk", "batch_size", "world_size", "drop_last",
-                     "num_samples"):
+        """Resume. The world size may differ from the saved one when the global position
+        (``batch_in_epoch * world_size`` chunks, ranks move in lockstep) is a multiple of the new
+        world size, i.e. at an optimizer-step boundary."""
+        for name in ("seed", "shuffle", "shuffle_chunk", "batch_size", "drop_last", "num_samples"):
             if name in state and state[name] != getattr(self, name):
                 raise ValueError(f"loader state field {name!r} is {state[name]!r} but this loader has "
                                  f"{getattr(self, name)!r}; cannot resume exactly")
         self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        pos = int(state["batch_in_epoch"])
+        old_world = int(state.get("world_size", self.world_size))
+        if old_world != self.world_size:
+            done = pos * old_world
+            if done % self.world_size:
+                raise ValueError(f"loader state: {done} global batches done in epoch {self.epoch} is "
+                                 f"not a multiple of world_size {self.world_size} (saved with "
+                                 f"{old_world}); cannot resume exactly")
+            pos = done // self.world_size
+        self.batch_in_epoch = pos
         if "stats" in state:
             self.stats = Counter(state["stats"])
 
@@ -285,10 +295,10 @@ class WebDatasetLoader(PlannedLoader):
         if "image" in a:
             img = torch.from_numpy(a["image"])  # uint8 [B, 3, H, W]
             out["image"] = img.float().div_(127.5).sub_(1.0)
-        if "latent" in a:
-            out["latent"] = torch.from_numpy(a["latent"])
-        if "text_emb" in a:
-            out["text_emb"] = torch.from_numpy(a["text_emb"])
+        if "latents" in a:
+            out["latents"] = torch.from_numpy(a["latents"])
+        if "text_embeddings" in a:
+            out["text_embeddings"] = torch.from_numpy(a["text_embeddings"])
             out["text_mask"] = torch.from_numpy(a["text_mask"])
         if self.pin_memory and torch.cuda.is_available():
             out = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in out.items()}
@@ -328,9 +338,9 @@ class WebDatasetLoader(PlannedLoader):
                 eps = np.random.default_rng([self.seed, epoch, int(i), 0x6C6174]).standard_normal(
                     mean.shape, dtype=np.float32)
                 mean = mean + std * eps
-            s["latent"] = mean
+            s["latents"] = mean
         if self.text_embeddings:
-            s["text_emb"], s["text_mask"] = self._text_embedding(get(TEXT_EMB_EXT), get(TEXT_MASK_EXT),
+            s["text_embeddings"], s["text_mask"] = self._text_embedding(get(TEXT_EMB_EXT), get(TEXT_MASK_EXT),
                                                                  where)
         return s
 
@@ -352,7 +362,7 @@ class WebDatasetLoader(PlannedLoader):
         out = {"keys": keys, "where": wheres, "text": [r["caption"] for r in rows],
                "rewards": (np.stack([r["rewards"] for r in rows]) if rows
                            else np.zeros((0, len(self.reward_keys)), np.float32))}
-        for name in ("image", "latent", "text_emb", "text_mask"):
+        for name in ("image", "latents", "text_embeddings", "text_mask"):
             if rows and name in rows[0]:
                 try:
                     out[name] = np.stack([r[name] for r in rows])

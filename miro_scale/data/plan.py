@@ -3,12 +3,15 @@
 Every rank builds the same :class:`DatasetIndex` (all shards' indices, in the order the shards are
 given) and the same per-epoch permutation, seeded by ``(seed, epoch)``: each shard's samples are
 permuted, cut into chunks of ``shuffle_chunk`` samples, and the chunks of all shards are permuted
-together. Rank ``r`` takes a contiguous slice of that order, so every sample goes to exactly one
-rank; batches are consecutive runs of ``batch_size`` within the slice, and DataLoader worker ``w``
-loads batches ``w, w + W, ...`` (the order DataLoader returns them in), so the stream a rank sees does
-not depend on the number of workers. With ``drop_last`` each rank gets the same number of full
-batches (the permuted tail, at most ``world * batch_size - 1`` samples, is left out of that epoch);
-without it the slices are ``[r*n//world, (r+1)*n//world)`` and the last batch may be short.
+together. That order is cut into global batch-chunks of ``batch_size``; rank ``r`` serves chunks
+``r, r + world, r + 2 world, ...``, so every sample goes to exactly one rank, and the samples of one
+optimizer step (``world x accumulation`` consecutive chunks) are the same whatever the split between
+ranks and accumulation (which also lets a run resume on another world size at a step boundary).
+DataLoader worker ``w`` loads a rank's batches ``w, w + W, ...`` (the order DataLoader returns them
+in), so the stream a rank sees does not depend on the number of workers. With ``drop_last`` only
+whole rounds of ``world`` full chunks are used, so each rank gets the same number of full batches (the
+permuted tail, fewer than ``world * batch_size`` samples, waits for another epoch); without it the
+epoch's last chunk may be short and ranks may differ by one batch.
 Chunks keep reads local (DALI reads one chunk per index entry) while still mixing shards in a batch.
 """
 from __future__ import annotations
@@ -167,14 +170,26 @@ def epoch_order(dindex: DatasetIndex, seed: int, epoch: int, shuffle: bool = Tru
     return np.concatenate([pieces[i] for i in order]).astype(np.int64)
 
 
-def rank_range(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> tuple:
-    """[start, stop) of rank's slice of an epoch's order of n samples."""
+def rank_chunks(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> range:
+    """Global batch-chunks (``order[c*B:(c+1)*B]``) of an epoch of n samples that ``rank`` serves:
+    ``rank, rank + world, ...``. With drop_last only whole rounds of ``world`` full chunks are used,
+    so every rank serves the same number of full batches."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if drop_last:
-        per = (n // world_size) // batch_size * batch_size
-        return rank * per, (rank + 1) * per
-    return rank * n // world_size, (rank + 1) * n // world_size
+        total = n // (batch_size * world_size) * world_size
+    else:
+        total = (n + batch_size - 1) // batch_size
+    return range(rank, total, world_size)
+
+
+def rank_slice(order: np.ndarray, rank: int, world_size: int, batch_size: int, drop_last: bool) -> np.ndarray:
+    """This rank's samples, in order: its chunks concatenated (only the epoch's very last chunk can
+    be short, and it is the last of its rank, so the rank's batches are its chunks)."""
+    chunks = rank_chunks(len(order), rank, world_size, batch_size, drop_last)
+    if len(chunks) == 0:
+        return order[:0]
+    return np.concatenate([order[c * batch_size:(c + 1) * batch_size] for c in chunks])
 
 
 def num_batches(n_rank: int, batch_size: int) -> int:
