@@ -116,11 +116,17 @@ def available_rewards() -> List[str]:
     return [k for k in REWARD_KEYS if k in BUILDERS]
 
 
-def build_reward(name: str, variant: str = "pretrained", device="cpu", dtype=torch.float32, **kwargs):
+def build_reward(name: str, variant: str = "pretrained", device="cpu", dtype=torch.float32, seed: int = 0,
+                 **kwargs):
     if variant not in ("pretrained", "random", "tiny"):
         raise ValueError(f"variant must be pretrained, random or tiny, got {variant!r}")
     key = canonical_key(name)
-    r = BUILDERS[key](variant, device=device, dtype=dtype, **kwargs)
+    if variant == "pretrained":
+        r = BUILDERS[key](variant, device=device, dtype=dtype, **kwargs)
+    else:  # random weights are seeded: every process and every pass builds the same model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            r = BUILDERS[key](variant, device=device, dtype=dtype, **kwargs)
     if r.key != key:  # pragma: no cover - wiring check
         raise RuntimeError(f"builder for {key} returned a reward keyed {r.key}")
     return r

@@ -1,0 +1,133 @@
+"""The shard scorer in one process: output format, statuses, caption sources, groups, resume."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "rewards"))
+
+from miro_scale.rewards import registry  # noqa: E402
+from miro_scale.rewards.scoring import (ScoreConfig, assign_shards, expand_shards, parse_groups,  # noqa: E402
+                                        read_scores, run_scoring)
+
+REWARDS = ["caption_alignment_score", "sharpness_score", "hpsv2_score", "aesthetic_score"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from shards import write_shards
+    d = tmp_path_factory.mktemp("data")
+    return write_shards(str(d), num_shards=3, per_shard=8)
+
+
+def _cfg(shards, out, **kw):
+    base = dict(shards=shards, rewards=list(REWARDS), out_dir=str(out), variant="tiny", num_workers=2,
+                chunk_size=5, progress=False, rank=0, world_size=1)
+    base.update(kw)
+    return ScoreConfig(**base)
+
+
+def test_expand_and_assign_shards(tmp_path):
+    for i in range(5):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    got = expand_shards(str(tmp_path / "{00000..00004}.tar"))
+    assert [Path(g).name for g in got] == [f"{i:05d}.tar" for i in range(5)]
+    assert expand_shards([str(tmp_path / "0000[0-1].tar"), str(tmp_path / "00000.tar")]) == got[:2]
+    parts = [assign_shards(got, r, 2) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(got) and not set(parts[0]) & set(parts[1])
+    with pytest.raises(ValueError, match="collide"):
+        assign_shards(["a/x.tar", "b/x.tar"], 0, 1)
+    assert parse_groups("aesthetic,hpsv2;sharpness", ["aesthetic_score", "hpsv2_score", "sharpness_score"]) == \
+        [["aesthetic_score", "hpsv2_score"], ["sharpness_score"]]
+    with pytest.raises(ValueError, match="exactly once"):
+        parse_groups("aesthetic", ["aesthetic_score", "hpsv2_score"])
+
+
+def test_score_rows_statuses_and_caption_sources(shards, tmp_path):
+    summary = run_scoring(_cfg(shards, tmp_path / "s", captions=["txt", "short"]))
+    assert summary["shards_done"] == 3 and summary["num_samples"] == 3 * 14
+    t = pq.read_table(tmp_path / "s" / "00001.parquet")
+    cols = t.column_names
+    assert cols[:3] == ["key", "status", "error"]
+    assert {"hpsv2_score", "hpsv2_score@short", "caption_alignment_score@short", "sharpness_score",
+            "aesthetic_score"} <= set(cols)
+    assert "sharpness_score@short" not in cols  # image-only rewards are scored once
+    rows = {k: i for i, k in enumerate(t.column("key").to_pylist())}
+    st = t.column("status").to_pylist()
+    err = t.column("error").to_pylist()
+    val = lambda c, k: t.column(c).to_pylist()[rows[k]]  # noqa: E731
+    # the broken samples have no json, hence no "short" caption either
+    assert st[rows["s001_corrupt"]] == "missing_caption;corrupt_image"
+    assert "s001_corrupt" in err[rows["s001_corrupt"]]
+    assert st[rows["s001_empty"]] == "missing_caption;empty_member"
+    assert st[rows["s001_noimage"]].startswith("missing_image") or "missing_image" in st[rows["s001_noimage"]]
+    assert "missing_txt" in st[rows["s001_notxt"]] and "bad_txt" in st[rows["s001_badtxt"]]
+    assert "empty_caption" in st[rows["s001_emptytxt"]]
+    # an image without a usable caption still gets its image-only rewards
+    assert np.isfinite(val("sharpness_score", "s001_notxt")) and np.isnan(val("hpsv2_score", "s001_notxt"))
+    assert np.isnan(val("sharpness_score", "s001_corrupt"))
+    good = [k for k in rows if not k.startswith("s001")]
+    assert len(good) == 8 and all(st[rows[k]] == "ok" for k in good)
+    assert all(np.isfinite(val(c, k)) for k in good for c in ("hpsv2_score", "hpsv2_score@short", "aesthetic_score"))
+    # the synthetic world's true caption ("short") aligns at least as well as the (maybe mismatched) txt
+    a_txt = np.array([val("caption_alignment_score", k) for k in good])
+    a_short = np.array([val("caption_alignment_score@short", k) for k in good])
+    assert a_short.mean() >= a_txt.mean() - 1e-6
+    meta = json.loads(pq.read_schema(tmp_path / "s" / "00001.parquet").metadata[b"miro_scoring"])
+    assert meta["rewards"]["hpsv2_score"]["model_id"] == "random" and meta["captions"] == ["txt", "short"]
+    stats = json.loads((tmp_path / "s" / "00001.stats.json").read_text())
+    assert stats["num_samples"] == 14 and stats["failures"]["corrupt_image"] == 1
+    assert summary["rewards"]["hpsv2_score"]["images"] == 3 * 11
+    # features shared across captions give the same numbers as scoring each caption alone
+    alone = run_scoring(_cfg(shards[1:2], tmp_path / "alone", captions=["short"], rewards=["hpsv2_score"]))
+    t2 = pq.read_table(tmp_path / "alone" / "00001.parquet")
+    a = np.array(t2.column("hpsv2_score").to_pylist(), dtype=float)
+    b = np.array(t.column("hpsv2_score@short").to_pylist(), dtype=float)
+    assert alone["num_samples"] == 14 and np.allclose(a, b, atol=1e-5, equal_nan=True)
+
+
+def test_groups_give_the_same_scores_as_one_pass(shards, tmp_path):
+    run_scoring(_cfg(shards, tmp_path / "one"))
+    run_scoring(_cfg(shards, tmp_path / "two", groups=[["hpsv2_score", "sharpness_score"],
+                                                      ["caption_alignment_score", "aesthetic_score"]]))
+    a = read_scores(str(tmp_path / "one"))
+    b = read_scores(str(tmp_path / "two"))
+    assert not (tmp_path / "two" / "_parts").exists() or not list((tmp_path / "two" / "_parts").iterdir())
+    assert a.column("key").to_pylist() == b.column("key").to_pylist()
+    assert a.column("status").to_pylist() == b.column("status").to_pylist()
+    for c in REWARDS:
+        assert np.allclose(np.array(a.column(c).to_pylist(), float), np.array(b.column(c).to_pylist(), float),
+                           atol=1e-6, equal_nan=True), c
+    meta = json.loads(pq.read_schema(tmp_path / "two" / "00000.parquet").metadata[b"miro_scoring"])
+    assert set(meta["rewards"]) == set(REWARDS)
+
+
+def test_rerun_skips_finished_shards(shards, tmp_path):
+    run_scoring(_cfg(shards[:2], tmp_path / "r"))
+    m = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r").glob("*.parquet")}
+    s = run_scoring(_cfg(shards, tmp_path / "r"))
+    assert s["this_run"]["images"] == 14 and s["shards_done"] == 3
+    for name, t in m.items():
+        assert (tmp_path / "r" / name).stat().st_mtime_ns == t
+
+
+def test_a_failing_reward_marks_rows_not_the_run(shards, tmp_path, monkeypatch):
+    from miro_scale.rewards.synthetic import SharpnessReward
+
+    def flaky(self, images, captions=None):
+        if any(im.shape[0] == 30 for im in images):  # the 40x30 PNG of the broken samples
+            raise RuntimeError("boom")
+        return torch.zeros(len(images))
+    monkeypatch.setattr(SharpnessReward, "score", flaky)
+    run_scoring(_cfg(shards[:1], tmp_path / "f", rewards=["sharpness_score"]))
+    t = pq.read_table(tmp_path / "f" / "00000.parquet")
+    st = dict(zip(t.column("key").to_pylist(), t.column("status").to_pylist()))
+    assert "reward_error:sharpness_score" in st["s000_notxt"]
+    assert sum("reward_error" in v for v in st.values()) == 3  # notxt, badtxt, emptytxt
+    ok = [k for k, v in st.items() if v == "ok"]
+    assert len(ok) == 8
