@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from miro_scale.data._testing import encode, rewards_json, solid_jpeg, write_raw_tar
+from miro_scale.data._testing import encode, png16, rewards_json, solid_jpeg, write_raw_tar
 from miro_scale.data.dali_loader import DaliLoader, dali_available
 from miro_scale.data.decode import decode_image
 from miro_scale.data.format import SampleError
@@ -39,6 +39,9 @@ def _cases():
     rgba = encode(Image.new("RGBA", (40, 30), (20, 200, 30, 0)), "PNG")
     p16 = encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG")
     gray = encode(Image.new("L", (40, 30), 90), "JPEG", quality=95)
+    rgb16 = np.zeros((30, 40, 3), np.uint16)
+    rgb16[...] = (65535, 30000, 1000)
+    rgba16 = np.concatenate([rgb16, np.full((30, 40, 1), 20000, np.uint16)], axis=2)
     pal = encode(Image.new("RGB", (40, 30), (0, 0, 255)).convert("P"), "PNG")
     return {
         "good0": ([("jpg", g), ("txt", b"ok"), ("json", _js())], (200, 40, 40)),
@@ -56,6 +59,8 @@ def _cases():
         "cmyk": ([("jpg", cmyk), ("txt", b"x"), ("json", _js())], (255, 0, 0)),
         "rgba": ([("png", rgba), ("txt", b"x"), ("json", _js())], (20, 200, 30)),
         "png16": ([("png", p16), ("txt", b"x"), ("json", _js())], (156, 156, 156)),
+        "rgb16": ([("png", png16(rgb16)), ("txt", b"x"), ("json", _js())], (255, 117, 4)),
+        "rgba16": ([("png", png16(rgba16)), ("txt", b"x"), ("json", _js())], (255, 117, 4)),
         "palette": ([("png", pal), ("txt", b"x"), ("json", _js())], (0, 0, 255)),
         "good1": ([("jpg", g), ("txt", b"ok"), ("json", _js())], (200, 40, 40)),
     }

@@ -55,3 +55,23 @@ def simple_dataset(out_dir: str, n: int, shard_size: int, keys=("a", "b"), seed:
                     m["text_mask.npy"] = np.ones(L, np.uint8)
             w.write(f"s{i:06d}", m)
     return w.paths
+
+
+def png16(a: np.ndarray) -> bytes:
+    """A 16-bit PNG (gray [H,W], RGB [H,W,3] or RGBA [H,W,4] uint16), written by hand since PIL
+    cannot write 16-bit colour PNGs."""
+    import struct
+    import zlib
+
+    if a.ndim == 2:
+        a = a[..., None]
+    h, w, c = a.shape
+    colour_type = {1: 0, 3: 2, 4: 6}[c]
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
