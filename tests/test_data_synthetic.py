@@ -137,3 +137,20 @@ def test_cli(tmp_path):
     assert man["num_samples"] == 20 and len(man["shards"]) == 3
     assert man["synthetic_world"]["resolution"] == 32
     assert (out / "00000.idx").exists()
+
+
+def test_generate_resumes_and_skips_done_shards(tmp_path):
+    d = str(tmp_path / "w")
+    sw.generate(d, 20, 8, resolution=32, seed=1, progress=False)
+    t0 = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".tar")}
+    os.remove(os.path.join(d, "00001.tar"))  # as if interrupted
+    entries = sw.generate(d, 20, 8, resolution=32, seed=1, progress=False)
+    assert [e["num_samples"] for e in entries] == [8, 8, 4]
+    assert os.path.getmtime(os.path.join(d, "00000.tar")) == t0["00000.tar"]  # kept
+    ref = str(tmp_path / "ref")
+    sw.generate(ref, 20, 8, resolution=32, seed=1, progress=False)
+    for f in ("00000.tar", "00001.tar", "00002.tar"):
+        assert open(os.path.join(d, f), "rb").read() == open(os.path.join(ref, f), "rb").read()
+    with pytest.raises(ValueError, match="settings"):
+        sw.generate(d, 20, 8, resolution=64, seed=1, progress=False)
+    assert sw.ensure_world(d, 20, resolution=32, seed=1, shard_size=8, workers=1, progress=False) == d

@@ -399,18 +399,36 @@ def _make(args):
 
 def generate(out_dir: str, num_samples: int, shard_size: int = 1000, resolution: int = 64, seed: int = 0,
              mismatch_rate: float = 0.25, degrade_rate: float = 0.3, image_format: str = "jpg",
-             workers: int = 1, start_index: int = 0, progress: bool = True) -> list:
-    """Write ``num_samples`` samples as shards of ``shard_size`` into ``out_dir``; returns the
-    manifest entries. Identical output for any ``workers``."""
-    from .writer import ShardWriter
+             workers: int = 1, start_index: int = 0, progress: bool = True, resume: bool = True) -> list:
+    """Write ``num_samples`` samples (indices ``start_index + i``) as shards of ``shard_size`` into
+    ``out_dir``; returns the manifest entries of all its shards. Identical output for any
+    ``workers``. With ``resume``, shards that manifest.json already lists with the right sample count
+    and keys for the same world settings are kept (skip-if-done), so an interrupted run continues."""
+    from .writer import ShardWriter, keys_digest, read_manifest
 
-    tasks: Iterable = ((start_index + i, seed, resolution, mismatch_rate, degrade_rate, image_format)
-                       for i in range(num_samples))
-    extra = {"synthetic_world": {"version": WORLD_VERSION, "seed": seed, "resolution": resolution,
-                                 "mismatch_rate": mismatch_rate, "degrade_rate": degrade_rate,
-                                 "image_format": image_format}}
+    settings = {"version": WORLD_VERSION, "seed": seed, "resolution": resolution,
+                "mismatch_rate": mismatch_rate, "degrade_rate": degrade_rate, "image_format": image_format}
+    extra = {"synthetic_world": settings}
+    man = read_manifest(out_dir) if os.path.isdir(out_dir) else None
+    if man is not None and man.get("synthetic_world") not in (None, settings):
+        raise ValueError(f"{out_dir}: manifest.json holds a synthetic world with settings "
+                         f"{man.get('synthetic_world')}, not {settings}; use another --out")
+    done = {e["name"]: e for e in (man or {}).get("shards", [])} if resume else {}
+    todo = []  # (shard number, first index, count)
+    for k, a in enumerate(range(0, num_samples, shard_size)):
+        n = min(shard_size, num_samples - a)
+        name = f"{k:05d}.tar"
+        keys = [f"{start_index + a + i:09d}" for i in range(n)]
+        e = done.get(name)
+        if (e is not None and e["num_samples"] == n and e["keys_sha256"] == keys_digest(keys)
+                and os.path.exists(os.path.join(out_dir, name))):
+            continue
+        todo.append((k, a, n))
+    total = sum(n for _, _, n in todo)
+    tasks: Iterable = ((start_index + a + i, seed, resolution, mismatch_rate, degrade_rate, image_format)
+                       for _, a, n in todo for i in range(n))
     pool = None
-    if workers > 1:
+    if workers > 1 and total:
         import multiprocessing as mp
 
         pool = mp.get_context("fork").Pool(workers)
@@ -420,16 +438,30 @@ def generate(out_dir: str, num_samples: int, shard_size: int = 1000, resolution:
     if progress:
         from tqdm import tqdm
 
-        results = tqdm(results, total=num_samples, desc="synthetic world", unit="img")
+        results = tqdm(results, total=total, desc="synthetic world", unit="img")
     try:
-        with ShardWriter(out_dir, max_samples=shard_size, manifest_extra=extra) as w:
-            for key, members in results:
-                w.write(key, members)
-        return w.entries
+        results = iter(results)
+        for k, a, n in todo:
+            with ShardWriter(out_dir, max_samples=shard_size, start_shard=k, manifest_extra=extra) as w:
+                for _ in range(n):
+                    key, members = next(results)
+                    w.write(key, members)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
+    if not todo and man is None:
+        return []
+    return (read_manifest(out_dir) or {}).get("shards", [])
+
+
+def ensure_world(out_dir: str, num_samples: int = 10_000, resolution: int = 64, seed: int = 0,
+                 shard_size: int = 1000, workers: int | None = None, **kw) -> str:
+    """The embedded default dataset: make sure ``out_dir`` holds this synthetic world (generating or
+    completing it if needed) and return ``out_dir`` for the loaders."""
+    generate(out_dir, num_samples, shard_size, resolution, seed,
+             workers=workers or max(1, os.cpu_count() or 1), resume=True, **kw)
+    return out_dir
 
 
 def main(argv=None) -> None:
@@ -445,9 +477,10 @@ def main(argv=None) -> None:
     p.add_argument("--format", default="jpg", choices=["jpg", "png"])
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--start-index", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="rewrite shards that are already complete")
     a = p.parse_args(argv)
     entries = generate(a.out, a.num_samples, a.shard_size, a.resolution, a.seed, a.mismatch_rate,
-                       a.degrade_rate, a.format, a.workers, a.start_index)
+                       a.degrade_rate, a.format, a.workers, a.start_index, resume=not a.no_resume)
     print(f"wrote {sum(e['num_samples'] for e in entries)} samples in {len(entries)} shards to {a.out}")
 
 
