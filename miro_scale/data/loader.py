@@ -205,7 +205,7 @@ class PlannedLoader:
         meta = parse_json(meta_bytes, where) if meta_bytes is not None else {}
         if txt is not None:
             try:
-                txt_s = txt.decode("utf-8")
+                txt_s = txt.decode("utf-8-sig").strip()
             except UnicodeDecodeError:
                 raise SampleError("bad_txt", f"{where}: txt member is not UTF-8") from None
         else:
@@ -356,6 +356,10 @@ class WebDatasetLoader(PlannedLoader):
             except SampleError as e:
                 stats[e.reason] += 1
                 messages.append(f"{e} (skipped)")
+                continue
+            except Exception as e:  # noqa: BLE001 - bad input must not kill a training run
+                stats["unexpected_error"] += 1
+                messages.append(f"{self.index.where(i)}: unexpected {type(e).__name__}: {e} (skipped)")
                 continue
             keys.append(self.index.key(i))
             wheres.append(self.index.where(i))
