@@ -175,3 +175,12 @@ def test_reshard_bin_from_raw_and_cli_index_only(tmp_path):
                         "--index-only"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert (src / "00000.idx").exists() and (src / "manifest.json").exists()
+
+
+def test_index_read_paths_agree(tmp_path):
+    """Uniform (fast path) and mixed-member (slow path) index files read back as the tar scan."""
+    for sub, kw in (("uniform", {}), ("mixed", {"text_emb": True})):
+        paths = simple_dataset(str(tmp_path / sub), 9, 20, **kw)
+        idx = read_index_file(paths[0][:-4] + ".idx", paths[0])
+        scan = scan_tar(paths[0])
+        assert idx.keys == scan.keys and idx.members == scan.members and len(idx) == 9

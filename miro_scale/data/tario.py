@@ -47,6 +47,14 @@ class ShardIndex:
         self.key_bytes = np.array([k.encode("utf-8") for k in keys], dtype=bytes) if n else \
             np.zeros(0, dtype="S1")
 
+    @classmethod
+    def from_arrays(cls, path: str, exts: tuple, key_bytes: np.ndarray, offsets: np.ndarray,
+                    sizes: np.ndarray, source: str = "idx") -> "ShardIndex":
+        idx = cls(path, source=source)
+        idx.exts, idx.key_bytes = tuple(exts), key_bytes
+        idx.offsets, idx.sizes = offsets.astype(np.int64), sizes.astype(np.int64)
+        return idx
+
     def __len__(self) -> int:
         return int(self.key_bytes.shape[0])
 
@@ -118,6 +126,11 @@ def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
         if len(header) != 2 or header[0] != INDEX_VERSION:
             raise ValueError(f"{idx_path}: unsupported index header {' '.join(header)!r}")
         expected = int(header[1])
+        fast = _read_uniform_index(f.read(), expected, idx_path, tar_path)
+        if fast is not None:
+            return fast
+        f.seek(0)
+        f.readline()
         keys, members = [], []
         for lineno, line in enumerate(f, start=2):
             tok = line.split()
@@ -136,6 +149,33 @@ def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
     if len(keys) != expected:
         raise ValueError(f"{idx_path}: header says {expected} samples, found {len(keys)}")
     return ShardIndex(tar_path, keys, members, source="idx")
+
+
+def _read_uniform_index(body: str, expected: int, idx_path: str, tar_path: str) -> ShardIndex | None:
+    """Fast path for the common index where every sample has the same members in the same order
+    (what ShardWriter and img2dataset produce): one split and numpy reshapes. None otherwise."""
+    tok = body.split()
+    if expected == 0 or not tok or len(tok) % (4 * expected):
+        return None
+    E = len(tok) // (4 * expected)
+    arr = np.array(tok, dtype=object).reshape(expected, E, 4)
+    exts = tuple(arr[0, :, 0])
+    if len(set(exts)) != E or not (arr[:, :, 0] == np.array(exts, dtype=object)).all():
+        return None
+    try:
+        offsets = arr[:, :, 1].astype(np.int64)
+        sizes = arr[:, :, 2].astype(np.int64)
+    except ValueError:
+        raise ValueError(f"{idx_path}: non-integer offset or size") from None
+    cut = len(exts[0]) + 1
+    names = arr[:, 0, 3]
+    keys = [n[:-cut] for n in names]
+    for e_i, e in enumerate(exts[1:], start=1):  # all members of a line must share the key
+        c = len(e) + 1
+        if any(n[:-c] != k for n, k in zip(arr[:, e_i, 3], keys)):
+            return None
+    key_bytes = np.array([k.encode("utf-8") for k in keys], dtype=bytes)
+    return ShardIndex.from_arrays(tar_path, exts, key_bytes, offsets, sizes, source="idx")
 
 
 def scan_tar(tar_path: str) -> ShardIndex:
