@@ -20,6 +20,8 @@ def main() -> int:
                         help="dotted overrides, e.g. optim.lr=3e-4 model.latents_dim=512")
     parser.add_argument("--engine", choices=["local", "fsdp", "deepspeed"],
                         help="shorthand for --set engine.kind=...")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many steps in this run (the schedule still spans train.steps)")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the output dir")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
@@ -37,7 +39,7 @@ def main() -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    metrics = trainer.fit()
+    metrics = trainer.fit(args.max_steps)
     if trainer.rank == 0:
         print(f"done: step {trainer.step}, loss {metrics.get('loss', float('nan')):.4f}, "
               f"checkpoints in {Path(cfg.train.output_dir) / 'checkpoints'}")
