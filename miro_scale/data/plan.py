@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .format import IMAGE_EXTS
-from .tario import ShardIndex, load_index
+from .tario import load_index
 
 log = logging.getLogger("miro_scale.data")
 
