@@ -213,7 +213,7 @@ def _qk_norm_backward(dq_out, dk_out, q, k, q_weight, k_weight, eps, kind):
 
     q_programs, k_programs = programs(q_rows), programs(k_rows)
     # rows [2p, 2p + 1] hold program p's (dW, dB); q programs first, then k programs
-    partial = torch.zeros((q_programs + k_programs, 2, n_cols), dtype=torch.float32, device=q.device)
+    partial = torch.empty((q_programs + k_programs, 2, n_cols), dtype=torch.float32, device=q.device)
     if q_programs + k_programs:
         (q, dq_out), (q_size1, q_size2), (q_strides, dq_out_strides) = strided_rows(q, dq_out)
         (k, dk_out), (k_size1, k_size2), (k_strides, dk_out_strides) = strided_rows(k, dk_out)
