@@ -198,3 +198,14 @@ def test_caption_mix_with_per_caption_rewards(tmp_path):
     L2 = WebDatasetLoader(str(tmp_path), 40, resolution=16, reward_keys=["r"], num_workers=0,
                           caption_source={"txt": 0.5, "long": 0.5}, seed=0)
     assert {k: v for b in L2 for k, v in zip(b["keys"], zip(b["text"], b["rewards"][:, 0].tolist()))} == pick0
+
+
+def test_duplicate_shard_paths_are_used_once(ds, caplog):
+    import glob
+    import os
+
+    paths = sorted(glob.glob(os.path.join(ds, "*.tar")))
+    L = WebDatasetLoader(paths + paths[:2], 8, resolution=16, num_workers=0, drop_last=False)
+    ks = keys_of(L)
+    assert len(ks) == len(set(ks)) == 53
+    assert "more than once" in caplog.text

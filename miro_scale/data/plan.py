@@ -105,6 +105,12 @@ def build_dataset_index(shards: Sequence[str], required: Iterable, use_index_fil
     shards = list(shards)
     if not shards:
         raise ValueError("no shards given")
+    unique = list(dict.fromkeys(os.path.abspath(p) for p in shards))
+    if len(unique) != len(shards):
+        log.warning("%d shard paths are listed more than once; each shard is used once",
+                    len(shards) - len(unique))
+        seen: set = set()
+        shards = [p for p in shards if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
     with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as ex:
         indices = list(ex.map(lambda p: load_index(p, use_index_files), shards))
     skipped: Counter = Counter()

@@ -146,10 +146,11 @@ def index_shards(paths: Sequence[str], progress: bool = True) -> list:
 def reshard(inputs, out_dir: str, sidecar: str | None = None, reward_keys: Sequence[str] | None = None,
             num_bins: int = 64, bin_from_raw: bool = False, shard_size: int | None = 1000,
             max_bytes: int | None = None, validate_images: bool = False, drop_missing: bool = False,
-            require: Sequence = (IMAGE_EXTS, "txt", "json"), seed: int = 0,
+            require: Sequence = (IMAGE_EXTS, "txt"), seed: int = 0,
             progress: bool = True) -> Counter:
     """Copy samples from ``inputs`` into new shards in ``out_dir``, merging sidecar rewards into each
-    json. Samples missing a required member, with an empty member, with a duplicate key, with a bad
+    json (a json member is created when the input has none). Samples missing a required member,
+    with an empty member, with a duplicate key, with a bad
     image (``validate_images``) or without sidecar rewards (``drop_missing``) are skipped with a
     warning and counted. Returns the counters."""
     from tqdm import tqdm
