@@ -209,3 +209,25 @@ def test_duplicate_shard_paths_are_used_once(ds, caplog):
     ks = keys_of(L)
     assert len(ks) == len(set(ks)) == 53
     assert "more than once" in caplog.text
+
+
+def test_caption_mix_with_per_caption_embeddings(tmp_path):
+    from miro_scale.data._testing import solid_jpeg
+    from miro_scale.data.format import reward_entry
+    from miro_scale.data.writer import ShardWriter
+
+    with ShardWriter(str(tmp_path), max_samples=50) as w:
+        for i in range(30):
+            w.write(f"k{i:03d}", {
+                "latent_mean.npy": np.zeros((4, 2, 2), np.float16), "txt": f"short {i}",
+                "json": {"captions": {"long": f"long {i}"}, "rewards": {"r": reward_entry(0.0, 5, 64)}},
+                "text_emb.npy": np.full((2, 4), 1, np.float16),
+                "text_emb_long.npy": np.full((5, 4), 2, np.float16)})
+    L = WebDatasetLoader(str(tmp_path), 30, mode="latent", latent_sample=False, text_embeddings=True,
+                         max_text_len=8, reward_keys=["r"], num_workers=0,
+                         caption_source={"txt": 0.5, "long": 0.5})
+    b = next(iter(L))
+    for t, e, m in zip(b["text"], b["text_embeddings"], b["text_mask"]):
+        want = (2, 5) if t.startswith("long") else (1, 2)
+        assert m.sum().item() == want[1] and torch.all(e[m] == want[0])
+    assert {t.split()[0] for t in b["text"]} == {"short", "long"}

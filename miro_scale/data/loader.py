@@ -94,7 +94,9 @@ class PlannedLoader:
         if self.reward_keys or names != ["txt"]:
             required.append((JSON_EXT,))
         if self.text_embeddings:
-            required.append((TEXT_EMB_EXT,))
+            for n in names:
+                if self.caption_source[n] > 0:
+                    required.append((text_emb_ext(n),))
         self.index: DatasetIndex = build_dataset_index(self.shards, required, use_index_files)
         self.stats: Counter = Counter()
         for reason, n in self.index.skipped.items():
@@ -239,6 +241,16 @@ class PlannedLoader:
         return out, m
 
 
+def text_emb_ext(caption_source: str) -> str:
+    """The npy member with the embeddings of a caption source: ``text_emb.npy`` for txt,
+    ``text_emb_<name>.npy`` for ``json["captions"][name]``."""
+    return TEXT_EMB_EXT if caption_source == "txt" else f"text_emb_{caption_source}.npy"
+
+
+def text_mask_ext(caption_source: str) -> str:
+    return TEXT_MASK_EXT if caption_source == "txt" else f"text_mask_{caption_source}.npy"
+
+
 def _identity(x):
     return x
 
@@ -320,6 +332,7 @@ class WebDatasetLoader(PlannedLoader):
                 raise SampleError("read_error", f"{where}: cannot read .{ext} ({e})") from None
 
         caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
+        source = self._pick_caption(i, epoch)
         s = {"caption": caption, "rewards": rewards}
         if self.mode == "image":
             ext = image_ext(mem)
@@ -340,8 +353,8 @@ class WebDatasetLoader(PlannedLoader):
                 mean = mean + std * eps
             s["latents"] = mean
         if self.text_embeddings:
-            s["text_embeddings"], s["text_mask"] = self._text_embedding(get(TEXT_EMB_EXT), get(TEXT_MASK_EXT),
-                                                                 where)
+            s["text_embeddings"], s["text_mask"] = self._text_embedding(
+                get(text_emb_ext(source)), get(text_mask_ext(source)), where)
         return s
 
     def _load_batch(self, ids: np.ndarray, reader: MemberReader, epoch: int):
