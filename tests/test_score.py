@@ -131,3 +131,20 @@ def test_a_failing_reward_marks_rows_not_the_run(shards, tmp_path, monkeypatch):
     assert sum("reward_error" in v for v in st.values()) == 3  # notxt, badtxt, emptytxt
     ok = [k for k, v in st.items() if v == "ok"]
     assert len(ok) == 8
+
+
+def test_an_unreadable_shard_is_reported_and_retried(shards, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(shards[0], bad / "00000.tar")
+    (bad / "00001.tar").write_bytes(b"this is not a tar file at all" * 40)
+    s = run_scoring(_cfg([str(bad / "00000.tar"), str(bad / "00001.tar")], tmp_path / "o",
+                         rewards=["sharpness_score"]))
+    assert s["shards_done"] == 1 and list(s["shards_failed"]) == [str(bad / "00001.tar")]
+    assert (tmp_path / "o" / "00001.error.json").exists() and not (tmp_path / "o" / "00001.parquet").exists()
+    shutil.copy(shards[1], bad / "00001.tar")  # fixed: the rerun scores it and clears the error
+    s = run_scoring(_cfg([str(bad / "00000.tar"), str(bad / "00001.tar")], tmp_path / "o",
+                         rewards=["sharpness_score"]))
+    assert s["shards_done"] == 2 and not s["shards_failed"]
+    assert not (tmp_path / "o" / "00001.error.json").exists()

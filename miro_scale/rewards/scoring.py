@@ -330,10 +330,16 @@ class ShardScorer:
             key, members = kv
             return _prepare(key, members, f"{stem}:{key}", self.views, self.cfg.captions, self.min_size)
 
+        from miro_scale.data.tario import load_index
         try:
+            n_index = len(load_index(shard).keys)
             sample_iter = iter_samples(shard)
         except Exception as e:
             raise RuntimeError(f"{shard}: cannot index the shard ({type(e).__name__}: {e})") from e
+        if n_index == 0 and os.path.getsize(shard) > 0:
+            import tarfile
+            if not tarfile.is_tarfile(shard):
+                raise RuntimeError(f"{shard}: not a tar file ({os.path.getsize(shard)} bytes, no readable sample)")
         for chunk in _chunks(sample_iter, self.cfg.chunk_size):
             t0 = time.perf_counter()
             items = list(self.pool.map(prep, chunk)) if self.pool else [prep(kv) for kv in chunk]
@@ -444,6 +450,10 @@ def _merge_parts(shard: str, out_dir: str, ngroups: int) -> bool:
     return True
 
 
+def error_path(out_dir: str, shard: str) -> Path:
+    return Path(out_dir) / f"{shard_stem(shard)}.error.json"
+
+
 def stats_path(out_dir: str, shard: str) -> Path:
     return Path(out_dir) / f"{shard_stem(shard)}.stats.json"
 
@@ -452,11 +462,14 @@ def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
     n = ok = 0
     fails: Dict[str, int] = {}
     per_reward: Dict[str, list] = {}
-    done, missing = [], []
+    done, missing, failed = [], [], {}
     for s in shards:
         sp = stats_path(out_dir, s)
         if not output_path(out_dir, s).exists() or not sp.exists():
             missing.append(s)
+            ep = error_path(out_dir, s)
+            if ep.exists():
+                failed[s] = json.loads(ep.read_text())["error"]
             continue
         st = json.loads(sp.read_text())
         done.append(s)
@@ -469,7 +482,7 @@ def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
             a[0] += v["seconds"]
             a[1] += v["images"]
     summary = {
-        "num_shards": len(shards), "shards_done": len(done), "shards_missing": missing,
+        "num_shards": len(shards), "shards_done": len(done), "shards_missing": missing, "shards_failed": failed,
         "num_samples": n, "num_ok": ok, "num_failed": n - ok, "failures_by_kind": dict(sorted(fails.items())),
         "rewards": {k: {"images": v[1], "seconds": round(v[0], 4),
                         "images_per_s": (v[1] / v[0]) if v[0] > 0 else None} for k, v in per_reward.items()},
@@ -542,7 +555,14 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
             meta_rewards = {r.key: r.info() for r in rewards}
             for shard in pending:
                 bar.set_postfix_str(shard_stem(shard))
-                rows, stats = scorer.score_shard(shard, bar)
+                try:
+                    rows, stats = scorer.score_shard(shard, bar)
+                except Exception as e:  # an unreadable shard: recorded, left for a rerun, not fatal
+                    msg = f"{shard}: {type(e).__name__}: {e}"
+                    print(f"[rank {rank}] shard failed, skipped: {msg}", file=sys.stderr, flush=True)
+                    _atomic_write_bytes(error_path(cfg.out_dir, shard), json.dumps({"shard": shard, "error": msg}).encode())
+                    continue
+                error_path(cfg.out_dir, shard).unlink(missing_ok=True)
                 images_this_run += stats["num_samples"]
                 table = _rows_to_table(rows, scorer.cols, {"shard": shard, "rewards": meta_rewards,
                                                            "captions": cfg.captions})
@@ -556,7 +576,8 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
         bar.close()
         if ngroups > 1:
             for s in todo:
-                _merge_parts(s, cfg.out_dir, ngroups)
+                if not error_path(cfg.out_dir, s).exists():
+                    _merge_parts(s, cfg.out_dir, ngroups)
     elapsed = time.perf_counter() - t_run
     if dist.is_initialized():
         dist.barrier()
