@@ -231,3 +231,13 @@ def test_caption_mix_with_per_caption_embeddings(tmp_path):
         want = (2, 5) if t.startswith("long") else (1, 2)
         assert m.sum().item() == want[1] and torch.all(e[m] == want[0])
     assert {t.split()[0] for t in b["text"]} == {"short", "long"}
+
+
+def test_stream_runs_across_epochs(ds):
+    L = WebDatasetLoader(ds, 8, resolution=16, num_workers=0, seed=2)  # 6 full batches per epoch
+    it = L.stream()
+    got = [next(it)["keys"] for _ in range(15)]
+    assert L.epoch == 2 and L.batch_in_epoch == 3
+    ref = WebDatasetLoader(ds, 8, resolution=16, num_workers=0, seed=2)
+    want = [b["keys"] for b in ref] + [b["keys"] for b in ref] + [b["keys"] for b in ref][:3]
+    assert got == want

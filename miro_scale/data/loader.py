@@ -188,6 +188,17 @@ class PlannedLoader:
         self.epoch += 1
         self.batch_in_epoch = 0
 
+    def stream(self) -> Iterator[dict]:
+        """Endless: the rest of this epoch, then the following epochs (state stays exact)."""
+        while True:
+            n = 0
+            for batch in self:
+                n += 1
+                yield batch
+            if n == 0 and len(self) == 0:
+                raise RuntimeError(f"this rank ({self.rank} of {self.world_size}) gets no batches from "
+                                   f"{self.num_samples} samples with batch_size {self.batch_size}")
+
     def _iter_epoch(self, order: np.ndarray, start_batch: int):
         raise NotImplementedError
 
