@@ -47,7 +47,148 @@ def _load_npy(data: bytes, where: str, ext: str) -> np.ndarray:
         raise SampleError("bad_npy", f"{where}: member .{ext} is not a valid .npy ({e})") from None
 
 
-class PlannedLoader:
+class RowBuilder:
+    """Per-sample CPU work shared by the loaders: caption choice, rewards, image decode, latents,
+    text embeddings, and collation into numpy arrays. Needs the attributes set by
+    ``_set_caption_source`` and: mode, resolution, max_pixels, latent_sample, seed, reward_keys,
+    text_embeddings, max_text_len."""
+
+    def _set_caption_source(self, caption_source) -> None:
+        if isinstance(caption_source, str):
+            caption_source = {caption_source: 1.0}
+        names = list(caption_source)
+        probs = np.asarray([float(caption_source[n]) for n in names], dtype=np.float64)
+        if not names or (probs < 0).any() or probs.sum() <= 0:
+            raise ValueError(f"caption_source needs non-negative weights, got {caption_source!r}")
+        self.caption_names, self.caption_probs = names, probs / probs.sum()
+        self.caption_source = dict(zip(names, self.caption_probs.tolist()))
+
+    def _pick_caption(self, i: int, epoch: int) -> str:
+        if len(self.caption_names) == 1:
+            return self.caption_names[0]
+        u = np.random.default_rng([self.seed, epoch, int(i), 0x636170]).random()
+        k = int(np.searchsorted(np.cumsum(self.caption_probs), u, side="right"))
+        return self.caption_names[min(k, len(self.caption_names) - 1)]
+
+    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str,
+                          i: int = 0, epoch: int = 0):
+        """Caption and reward vector. With several caption sources, one is drawn per sample and
+        epoch (seeded); rewards come from ``json["rewards_by_caption"][source]`` when the json has
+        them for that source, else from ``json["rewards"]``."""
+        meta = parse_json(meta_bytes, where) if meta_bytes is not None else {}
+        if txt is not None:
+            try:
+                txt_s = txt.decode("utf-8-sig").strip()
+            except UnicodeDecodeError:
+                raise SampleError("bad_txt", f"{where}: txt member is not UTF-8") from None
+        else:
+            txt_s = None
+        source = self._pick_caption(i, epoch)
+        caption = choose_caption(txt_s, meta, source, where)
+        by_cap = meta.get("rewards_by_caption")
+        if isinstance(by_cap, dict) and isinstance(by_cap.get(source), dict):
+            meta = {"rewards": by_cap[source]}
+            where = f"{where} (rewards_by_caption.{source})"
+        rewards = reward_vector(meta, self.reward_keys, where)
+        return caption, rewards
+
+    def _text_embedding(self, emb_b: bytes, mask_b: bytes | None, where: str):
+        emb = _load_npy(emb_b, where, TEXT_EMB_EXT)
+        if emb.ndim != 2:
+            raise SampleError("bad_npy", f"{where}: .{TEXT_EMB_EXT} has shape {emb.shape}, want [L, D]")
+        if mask_b is not None:
+            mask = _load_npy(mask_b, where, TEXT_MASK_EXT).astype(bool).reshape(-1)
+            if mask.shape[0] != emb.shape[0]:
+                raise SampleError("bad_npy", f"{where}: text mask length {mask.shape[0]} != "
+                                  f"embedding length {emb.shape[0]}")
+        else:
+            mask = np.ones(emb.shape[0], dtype=bool)
+        L = self.max_text_len
+        out = np.zeros((L, emb.shape[1]), dtype=np.float32)
+        m = np.zeros(L, dtype=bool)
+        n = min(L, emb.shape[0])
+        out[:n] = emb[:n]
+        m[:n] = mask[:n]
+        return out, m
+
+
+    def _row(self, get, exts, where: str, i: int, epoch: int) -> dict:
+        """One sample's arrays. ``get(ext)`` returns a member's bytes or None; ``exts`` lists the
+        members present; ``i`` seeds per-sample randomness (caption choice, latent noise)."""
+        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
+        source = self._pick_caption(i, epoch)
+        s = {"caption": caption, "rewards": rewards}
+        if self.mode == "image":
+            ext = image_ext(exts)
+            if ext is None:
+                raise SampleError("missing_image", f"{where}: no image member")
+            im = decode_image(get(ext), where, min_size=self.resolution, max_pixels=self.max_pixels)
+            s["image"] = resize_center_crop(im, self.resolution).transpose(2, 0, 1)
+        else:
+            mean_b = get(LATENT_MEAN_EXT)
+            if mean_b is None:
+                raise SampleError("missing_latent_mean", f"{where}: no .{LATENT_MEAN_EXT} member")
+            mean = _load_npy(mean_b, where, LATENT_MEAN_EXT).astype(np.float32)
+            if self.latent_sample:
+                std_b = get(LATENT_STD_EXT)
+                if std_b is None:
+                    raise SampleError("missing_latent_std", f"{where}: no .{LATENT_STD_EXT} member")
+                std = _load_npy(std_b, where, LATENT_STD_EXT).astype(np.float32)
+                if std.shape != mean.shape:
+                    raise SampleError("bad_npy", f"{where}: latent std shape {std.shape} != mean "
+                                      f"shape {mean.shape}")
+                eps = np.random.default_rng([self.seed, epoch, int(i), 0x6C6174]).standard_normal(
+                    mean.shape, dtype=np.float32)
+                mean = mean + std * eps
+            s["latents"] = mean
+        if self.text_embeddings:
+            emb_b = get(text_emb_ext(source))
+            if emb_b is None:
+                raise SampleError("missing_text_emb", f"{where}: no .{text_emb_ext(source)} member")
+            s["text_embeddings"], s["text_mask"] = self._text_embedding(
+                emb_b, get(text_mask_ext(source)), where)
+        return s
+
+    def _collate(self, rows: list, keys: list, wheres: list, stats: Counter, messages: list) -> dict:
+        """Stack rows; a row whose array shapes differ from the batch's first row is dropped
+        (counted as ``shape_mismatch``) rather than failing the batch."""
+        if rows:
+            ref = {n: rows[0][n].shape for n in ("image", "latents", "text_embeddings") if n in rows[0]}
+            keep = [j for j, r in enumerate(rows) if all(r[n].shape == sh for n, sh in ref.items())]
+            for j in sorted(set(range(len(rows))) - set(keep)):
+                stats["shape_mismatch"] += 1
+                messages.append(f"{wheres[j]}: array shapes differ from the rest of its batch "
+                                f"{ {n: rows[j][n].shape for n in ref} } vs {ref} (skipped)")
+            rows = [rows[j] for j in keep]
+            keys[:] = [keys[j] for j in keep]
+            wheres[:] = [wheres[j] for j in keep]
+        out = {"keys": keys, "where": wheres, "text": [r["caption"] for r in rows],
+               "rewards": (np.stack([r["rewards"] for r in rows]) if rows
+                           else np.zeros((0, len(self.reward_keys)), np.float32))}
+        for name in ("image", "latents", "text_embeddings", "text_mask"):
+            if rows and name in rows[0]:
+                out[name] = np.stack([r[name] for r in rows])
+        if not rows and self.mode == "image":
+            out["image"] = np.zeros((0, 3, self.resolution, self.resolution), np.uint8)
+        return out
+
+    def _to_torch(self, a: dict) -> dict:
+        out = {"keys": a["keys"], "where": a["where"], "text": a["text"],
+               "rewards": torch.from_numpy(a["rewards"])}
+        if "image" in a:
+            img = torch.from_numpy(a["image"])  # uint8 [B, 3, H, W]
+            out["image"] = img.float().div_(127.5).sub_(1.0)
+        if "latents" in a:
+            out["latents"] = torch.from_numpy(a["latents"])
+        if "text_embeddings" in a:
+            out["text_embeddings"] = torch.from_numpy(a["text_embeddings"])
+            out["text_mask"] = torch.from_numpy(a["text_mask"])
+        if getattr(self, "pin_memory", False) and torch.cuda.is_available():
+            out = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in out.items()}
+        return out
+
+
+class PlannedLoader(RowBuilder):
     """Shared logic: shard indexing, the epoch plan for this rank, state, stats.
 
     Subclasses implement ``_iter_epoch(order, start_batch)`` yielding ``(batch_index, batch_dict,
@@ -69,14 +210,8 @@ class PlannedLoader:
         self.mode = mode
         self.resolution = int(resolution)
         self.reward_keys = tuple(reward_keys)
-        if isinstance(caption_source, str):
-            caption_source = {caption_source: 1.0}
-        names = list(caption_source)
-        probs = np.asarray([float(caption_source[n]) for n in names], dtype=np.float64)
-        if not names or (probs < 0).any() or probs.sum() <= 0:
-            raise ValueError(f"caption_source needs non-negative weights, got {caption_source!r}")
-        self.caption_names, self.caption_probs = names, probs / probs.sum()
-        self.caption_source = dict(zip(names, self.caption_probs.tolist()))
+        self._set_caption_source(caption_source)
+        names = self.caption_names
         self.text_embeddings = bool(text_embeddings)
         self.max_text_len = int(max_text_len)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -202,56 +337,6 @@ class PlannedLoader:
     def _iter_epoch(self, order: np.ndarray, start_batch: int):
         raise NotImplementedError
 
-    # -- per-sample CPU work shared by loaders ----------------------------------------------
-    def _pick_caption(self, i: int, epoch: int) -> str:
-        if len(self.caption_names) == 1:
-            return self.caption_names[0]
-        u = np.random.default_rng([self.seed, epoch, int(i), 0x636170]).random()
-        k = int(np.searchsorted(np.cumsum(self.caption_probs), u, side="right"))
-        return self.caption_names[min(k, len(self.caption_names) - 1)]
-
-    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str,
-                          i: int = 0, epoch: int = 0):
-        """Caption and reward vector. With several caption sources, one is drawn per sample and
-        epoch (seeded); rewards come from ``json["rewards_by_caption"][source]`` when the json has
-        them for that source, else from ``json["rewards"]``."""
-        meta = parse_json(meta_bytes, where) if meta_bytes is not None else {}
-        if txt is not None:
-            try:
-                txt_s = txt.decode("utf-8-sig").strip()
-            except UnicodeDecodeError:
-                raise SampleError("bad_txt", f"{where}: txt member is not UTF-8") from None
-        else:
-            txt_s = None
-        source = self._pick_caption(i, epoch)
-        caption = choose_caption(txt_s, meta, source, where)
-        by_cap = meta.get("rewards_by_caption")
-        if isinstance(by_cap, dict) and isinstance(by_cap.get(source), dict):
-            meta = {"rewards": by_cap[source]}
-            where = f"{where} (rewards_by_caption.{source})"
-        rewards = reward_vector(meta, self.reward_keys, where)
-        return caption, rewards
-
-    def _text_embedding(self, emb_b: bytes, mask_b: bytes | None, where: str):
-        emb = _load_npy(emb_b, where, TEXT_EMB_EXT)
-        if emb.ndim != 2:
-            raise SampleError("bad_npy", f"{where}: .{TEXT_EMB_EXT} has shape {emb.shape}, want [L, D]")
-        if mask_b is not None:
-            mask = _load_npy(mask_b, where, TEXT_MASK_EXT).astype(bool).reshape(-1)
-            if mask.shape[0] != emb.shape[0]:
-                raise SampleError("bad_npy", f"{where}: text mask length {mask.shape[0]} != "
-                                  f"embedding length {emb.shape[0]}")
-        else:
-            mask = np.ones(emb.shape[0], dtype=bool)
-        L = self.max_text_len
-        out = np.zeros((L, emb.shape[1]), dtype=np.float32)
-        m = np.zeros(L, dtype=bool)
-        n = min(L, emb.shape[0])
-        out[:n] = emb[:n]
-        m[:n] = mask[:n]
-        return out, m
-
-
 def text_emb_ext(caption_source: str) -> str:
     """The npy member with the embeddings of a caption source: ``text_emb.npy`` for txt,
     ``text_emb_<name>.npy`` for ``json["captions"][name]``."""
@@ -312,21 +397,6 @@ class WebDatasetLoader(PlannedLoader):
         for b, arrays, stats, messages in dl:
             yield b, self._to_torch(arrays), stats, messages
 
-    def _to_torch(self, a: dict) -> dict:
-        out = {"keys": a["keys"], "where": a["where"], "text": a["text"],
-               "rewards": torch.from_numpy(a["rewards"])}
-        if "image" in a:
-            img = torch.from_numpy(a["image"])  # uint8 [B, 3, H, W]
-            out["image"] = img.float().div_(127.5).sub_(1.0)
-        if "latents" in a:
-            out["latents"] = torch.from_numpy(a["latents"])
-        if "text_embeddings" in a:
-            out["text_embeddings"] = torch.from_numpy(a["text_embeddings"])
-            out["text_mask"] = torch.from_numpy(a["text_mask"])
-        if self.pin_memory and torch.cuda.is_available():
-            out = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in out.items()}
-        return out
-
     def _load_sample(self, i: int, reader: MemberReader, epoch: int) -> dict:
         di = self.index
         path = di.shards[di.shard_of[i]]
@@ -342,31 +412,7 @@ class WebDatasetLoader(PlannedLoader):
             except (OSError, EOFError) as e:
                 raise SampleError("read_error", f"{where}: cannot read .{ext} ({e})") from None
 
-        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
-        source = self._pick_caption(i, epoch)
-        s = {"caption": caption, "rewards": rewards}
-        if self.mode == "image":
-            ext = image_ext(mem)
-            im = decode_image(get(ext), where, min_size=self.resolution, max_pixels=self.max_pixels)
-            s["image"] = resize_center_crop(im, self.resolution).transpose(2, 0, 1)
-        else:
-            mean = _load_npy(get(LATENT_MEAN_EXT), where, LATENT_MEAN_EXT).astype(np.float32)
-            if self.latent_sample:
-                std_b = get(LATENT_STD_EXT)
-                if std_b is None:
-                    raise SampleError("missing_latent_std", f"{where}: no .{LATENT_STD_EXT} member")
-                std = _load_npy(std_b, where, LATENT_STD_EXT).astype(np.float32)
-                if std.shape != mean.shape:
-                    raise SampleError("bad_npy", f"{where}: latent std shape {std.shape} != mean "
-                                      f"shape {mean.shape}")
-                eps = np.random.default_rng([self.seed, epoch, int(i), 0x6C6174]).standard_normal(
-                    mean.shape, dtype=np.float32)
-                mean = mean + std * eps
-            s["latents"] = mean
-        if self.text_embeddings:
-            s["text_embeddings"], s["text_mask"] = self._text_embedding(
-                get(text_emb_ext(source)), get(text_mask_ext(source)), where)
-        return s
+        return self._row(get, mem, where, i, epoch)
 
     def _load_batch(self, ids: np.ndarray, reader: MemberReader, epoch: int):
         stats: Counter = Counter()
@@ -387,17 +433,5 @@ class WebDatasetLoader(PlannedLoader):
                 continue
             keys.append(self.index.key(i))
             wheres.append(self.index.where(i))
-        out = {"keys": keys, "where": wheres, "text": [r["caption"] for r in rows],
-               "rewards": (np.stack([r["rewards"] for r in rows]) if rows
-                           else np.zeros((0, len(self.reward_keys)), np.float32))}
-        for name in ("image", "latents", "text_embeddings", "text_mask"):
-            if rows and name in rows[0]:
-                try:
-                    out[name] = np.stack([r[name] for r in rows])
-                except ValueError as e:
-                    raise SampleError("bad_npy", f"samples {wheres[:3]}...: .{name} shapes differ "
-                                      f"within a batch ({e})") from None
-            elif not rows:
-                if name == "image" and self.mode == "image":
-                    out[name] = np.zeros((0, 3, self.resolution, self.resolution), np.uint8)
+        out = self._collate(rows, keys, wheres, stats, messages)
         return out, stats, messages
