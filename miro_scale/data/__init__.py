@@ -7,6 +7,8 @@ Entry points (all plain functions/classes with explicit arguments):
   ``mode="image"`` or ``mode="latent"`` (npy latents), optional text embeddings.
 - :class:`~miro_scale.data.dali_loader.DaliLoader` — DALI ``fn.readers.webdataset``; GPU ("mixed")
   decode with ``device_id=<int>``, the same pipeline on the CPU with ``device_id=None``.
+- :class:`~miro_scale.data.wds_stream.WdsStreamLoader` — the webdataset package's streaming reader
+  (for URLs/object stores without random access), exactly once at shard granularity.
 - :func:`make_loader` — picks one of the above by name.
 - :class:`~miro_scale.data.writer.ShardWriter` — atomic shards + DALI index + manifest.
 - ``python -m miro_scale.data.reshard`` / :func:`~miro_scale.data.reshard.reshard` — merge sidecar
@@ -21,18 +23,23 @@ from .loader import PlannedLoader, WebDatasetLoader
 from .plan import resolve_shards
 from .writer import ShardWriter, read_manifest
 
-LOADERS = ("pil", "dali")
+LOADERS = ("pil", "dali", "wds")
 
 
 def make_loader(kind: str, shards, batch_size: int, **kw):
-    """``kind``: "pil" (WebDatasetLoader; also for ``mode="latent"``) or "dali" (DaliLoader; pass
-    ``device_id=None`` for the CPU pipeline). Other keyword arguments go to the loader."""
+    """``kind``: "pil" (WebDatasetLoader; also for ``mode="latent"``), "dali" (DaliLoader; pass
+    ``device_id=None`` for the CPU pipeline) or "wds" (WdsStreamLoader; ``shards`` are URLs).
+    Other keyword arguments go to the loader."""
     if kind == "pil":
         return WebDatasetLoader(shards, batch_size, **kw)
     if kind == "dali":
         from .dali_loader import DaliLoader
 
         return DaliLoader(shards, batch_size, **kw)
+    if kind == "wds":
+        from .wds_stream import WdsStreamLoader
+
+        return WdsStreamLoader(shards, batch_size, **kw)
     raise ValueError(f"unknown loader kind {kind!r}; choose from {LOADERS}")
 
 
