@@ -1,4 +1,5 @@
-"""Loader throughput: DALI (CPU, and GPU when present) against the PIL + torch DataLoader loader.
+"""Loader throughput: DALI (CPU, and GPU when present) against the PIL + torch DataLoader loader
+(and the webdataset-package streaming loader).
 
 Generates a synthetic-world dataset at ``--source-resolution`` (JPEG), then times full epochs of
 each loader producing ``--resolution`` px batches, for each worker / thread count given. Images/s
@@ -64,32 +65,6 @@ def _time_loader(loader, epochs: int = 1) -> dict:
             "images_per_s": round(steady, 2), "images_per_s_incl_startup": round(n / (t1 - t0), 2)}
 
 
-def _wds_loader(shards, batch_size, resolution, workers):
-    """The webdataset package's streaming reader (shard-split over workers), PIL decode; a baseline."""
-    import numpy as np
-    import torch
-    import webdataset as wds
-
-    from .decode import decode_image, resize_center_crop
-
-    def to_arr(sample):
-        im = decode_image(sample["jpg"], sample["__key__"], min_size=resolution)
-        return resize_center_crop(im, resolution).transpose(2, 0, 1), sample["txt"].decode()
-
-    ds = (wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=None,
-                         workersplitter=wds.split_by_worker)
-          .map(to_arr).batched(batch_size, partial=True))
-
-    class _L:
-        def __iter__(self):
-            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-            for arr, txt in dl:
-                a = arr if torch.is_tensor(arr) else torch.from_numpy(np.asarray(arr))
-                yield {"image": a.float().div_(127.5).sub_(1.0), "text": txt}
-
-    return _L()
-
-
 def run(num_samples=512, resolution=256, source_resolution=384, batch_size=32, workers=None,
         threads=None, data=None, epochs=1, include_wds=True, seed=0) -> dict:
     import torch
@@ -123,11 +98,14 @@ def run(num_samples=512, resolution=256, source_resolution=384, batch_size=32, w
                             "batch_size": batch_size, **_time_loader(L, epochs)})
             if include_wds:
                 try:
-                    results.append({"loader": "webdataset_pkg_pil", "device": "cpu", "workers": w,
-                                    "threads": None, "batch_size": batch_size,
-                                    **_time_loader(_wds_loader(shards, batch_size, resolution, w), epochs)})
-                except Exception as e:  # noqa: BLE001 - a baseline only
-                    print(f"webdataset baseline skipped: {e}", file=sys.stderr)
+                    from .wds_stream import WdsStreamLoader
+
+                    S = WdsStreamLoader(shards, batch_size, num_workers=w, resolution=resolution,
+                                        seed=seed)
+                    results.append({"loader": "wds_stream_pil", "device": "cpu", "workers": w,
+                                    "threads": None, "batch_size": batch_size, **_time_loader(S, epochs)})
+                except ImportError as e:
+                    print(f"webdataset streaming loader skipped: {e}", file=sys.stderr)
         if dali_available():
             devices = [None] + ([0] if torch.cuda.is_available() else [])
             for dev in devices:
