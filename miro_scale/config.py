@@ -185,6 +185,10 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     output_dir: str = "runs/miro"
+    init_from: str = ""  # post-training: start from this checkpoint's EMA weights, fresh optimizer
+    peak_tflops: float = 989.0  # per device, dense bf16 (H100 SXM), the MFU denominator
+    sample_every: int = 0  # steps between sample grids (0: never)
+    sample_count: int = 8  # prompts in a grid; each at s+ = 1 (guided) and s+ = 0
 
     def validate(self, prefix: str) -> None:
         _require(self.steps >= 1, prefix, "steps", "must be >= 1")
@@ -195,6 +199,9 @@ class TrainConfig:
         _require(self.log_every >= 1, prefix, "log_every", "must be >= 1")
         _require(self.checkpoint_every >= 1, prefix, "checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, prefix, "keep_checkpoints", "must be >= 1")
+        _require(self.peak_tflops > 0, prefix, "peak_tflops", "must be > 0")
+        _require(self.sample_every >= 0, prefix, "sample_every", "must be >= 0")
+        _require(self.sample_count >= 1, prefix, "sample_count", "must be >= 1")
 
 
 @dataclass

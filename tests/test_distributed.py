@@ -11,7 +11,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+from miro_scale.convert import consolidate_ema, load_model_file
 from miro_scale.train.checkpoint import latest_checkpoint
 from tests.conftest import ROOT, tiny_config_dict
 
@@ -59,7 +61,8 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     for name, optim in [("lamb", {}), ("adamw", {"name": "adamw"})]:
         run([sys.executable, WORKER, "--config", str(write_config(tmp, name, optim=optim))])
-    return {name: losses(tmp, name) for name in ("lamb", "adamw")}
+    return {name: losses(tmp, name) for name in ("lamb", "adamw")} | {
+        f"{name}_ema": consolidate_ema(latest_checkpoint(tmp / name / "checkpoints")) for name in ("lamb", "adamw")}
 
 
 def assert_close(ours, reference):
@@ -82,6 +85,18 @@ def test_two_process_engines_match_one_process(tmp_path, reference, name, engine
     # Resume: the remaining two steps continue the one-process sequence.
     run(torchrun(cfg))
     assert_close(losses(tmp_path, name), reference[optim])
+    # The EMA, consolidated from both ranks' shards, is the one-process EMA.
+    ema = consolidate_ema(latest_checkpoint(tmp_path / name / "checkpoints"))
+    assert ema.keys() == reference[f"{optim}_ema"].keys()
+    for key, value in ema.items():
+        torch.testing.assert_close(value, reference[f"{optim}_ema"][key], atol=1e-3, rtol=1e-3)
+    if name == "fsdp2":  # raw weights through DCP's consolidation, as a deployable file
+        out = tmp_path / "export.safetensors"
+        run([sys.executable, "checkpoints_tools/export.py", "--checkpoint",
+             str(latest_checkpoint(tmp_path / name / "checkpoints")), "--out", str(out), "--weights", "raw"])
+        raw = load_model_file(out)
+        assert raw.keys() == ema.keys()  # EMA exports are complete models too (buffers included)
+        assert all(torch.equal(raw[k], ema[k]) for k, _ in raw.items() if k.endswith(("freqs", "phases")))
 
 
 def test_two_node_rendezvous_on_loopback(tmp_path, reference):

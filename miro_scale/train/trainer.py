@@ -23,7 +23,9 @@ from miro_scale.config import ConfigError, MiroConfig, config_to_dict
 from miro_scale.flow import MiroFlowModel, flow_matching_loss
 from miro_scale.train import checkpoint
 from miro_scale.train.data import EpochBatchStream, build_dataset
-from miro_scale.train.engines import build_engine
+from miro_scale.models.flops import training_flops_per_sample
+from miro_scale.train import previews
+from miro_scale.train.engines import build_engine, canonical_name
 from miro_scale.train.optim import EMA
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
@@ -59,6 +61,16 @@ def accumulation_steps(cfg: MiroConfig, world: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Initial weights from an exported model file (checkpoints_tools/export.py): post-training."""
+    from miro_scale.convert import load_model_file
+
+    try:
+        model.load_state_dict(load_model_file(path))
+    except RuntimeError as err:
+        raise RuntimeError(f"train.init_from {path}: {err}") from None
+
+
 class Trainer:
     def __init__(self, cfg: MiroConfig, resume: bool = True):
         self.cfg = cfg
@@ -68,11 +80,17 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = MiroFlowModel(cfg.model, cfg.flow).to(self.device)
+        model = MiroFlowModel(cfg.model, cfg.flow)
+        if cfg.train.init_from:
+            load_weights(model, cfg.train.init_from)
+        model = model.to(self.device)
+        self.flops_per_sample = training_flops_per_sample(cfg, cfg.data.text_len)
         self.engine = build_engine(model, cfg, self.accumulation)
         self.ema = EMA(self.engine.local_parameters(), cfg.optim.ema_decay, cfg.optim.ema_start_step)
-        self.data = EpochBatchStream(build_dataset(cfg), cfg.train.micro_batch_size, cfg.train.seed,
-                                     self.rank, self.world)
+        dataset = build_dataset(cfg)
+        self.data = EpochBatchStream(dataset, cfg.train.micro_batch_size, cfg.train.seed, self.rank, self.world)
+        self.preview_prompts = previews.fixed_prompts(dataset, cfg.train.sample_count)
+        self.decode = previews.build_decoder(cfg, self.device) if cfg.train.sample_every else None
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
         # Noise, gamma and self-conditioning draws are seeded per data chunk (see train_step).
         self.generator = torch.Generator(self.device)
@@ -91,7 +109,11 @@ class Trainer:
             dist.barrier()
 
     def _rank_state(self) -> Dict:
+        # Buffers (the fixed Fourier features) are whole on every rank; rank 0 keeps a copy so the
+        # EMA can be exported as a complete model.
+        buffers = {canonical_name(n): b.cpu() for n, b in self.engine.module.named_buffers()} if self.rank == 0 else {}
         return {
+            "buffers": buffers,
             "ema": {n: t.to_local() if hasattr(t, "to_local") else t for n, t in self.ema.state_dict().items()},
             "data": self.data.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -165,6 +187,23 @@ class Trainer:
         return {"loss": total_loss, "raw_loss": raw_loss, "grad_norm": result.grad_norm,
                 "lr": self.engine.lr(), "skipped": float(result.skipped)}
 
+    def throughput_metrics(self, images_per_s: float) -> Dict[str, float]:
+        tflops = self.flops_per_sample * images_per_s / self.world / 1e12
+        metrics = {"images_per_s": images_per_s, "tflops_per_device": tflops,
+                   "mfu": tflops / self.cfg.train.peak_tflops}
+        if self.device.type == "cuda":
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        return metrics
+
+    def write_samples(self, writer) -> None:
+        """Every rank samples (sharded engines need all of them); rank 0 writes the grid."""
+        model = self.engine.forward_module
+        model.eval()
+        with previews.ema_weights(self.engine.local_parameters(), self.ema):
+            grid = previews.render_grid(model, self.cfg, self.preview_prompts, self.decode, self.device)
+        if self.rank == 0:
+            previews.save_grid(grid, self.out_dir / "samples", self.step, writer)
+
     # -- the loop -----------------------------------------------------------------------------
     def _request_stop(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -199,8 +238,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.train.log_every == 0 or self.step == end:
                     elapsed = time.perf_counter() - tick
-                    metrics["images_per_s"] = (self.cfg.train.global_batch_size * (self.step - ticked_at)
-                                               / max(elapsed, 1e-9))
+                    metrics.update(self.throughput_metrics(
+                        self.cfg.train.global_batch_size * (self.step - ticked_at) / max(elapsed, 1e-9)))
                     metrics["nonfinite_steps"] = self.nonfinite_steps
                     tick, ticked_at = time.perf_counter(), self.step
                     if is_main:
@@ -210,6 +249,8 @@ class Trainer:
                             writer.add_scalar(f"train/{key}", value, self.step)
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     last = metrics
+                if self.cfg.train.sample_every and self.step % self.cfg.train.sample_every == 0:
+                    self.write_samples(writer)
                 periodic = self.step % self.cfg.train.checkpoint_every == 0 or self.step == end
                 if periodic:
                     self.save()
