@@ -114,7 +114,7 @@ class DaliLoader(PlannedLoader):
         p.build()
         return p
 
-    def _to_torch(self, tl) -> torch.Tensor:
+    def _dali_to_torch(self, tl) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         t = tl.as_tensor()
@@ -230,7 +230,7 @@ class DaliLoader(PlannedLoader):
                     jsons = [bytes(np.asarray(js.at(r))) if np.asarray(js.at(r)).size else None
                              for r in range(n)]
                     infos = [bytes(np.asarray(info.at(r))).decode("utf-8", "replace") for r in range(n)]
-                    images = self._to_torch(out)[:n]
+                    images = self._dali_to_torch(out)[:n]
                     keep, keys, wheres, texts, rewards, stats, messages = self._rows_to_batch(
                         ids, images, txts, jsons, infos)
                     yield b, self._finish(images, keep, keys, wheres, texts, rewards), stats, messages
