@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from miro_scale.rewards import binning  # noqa: E402
 from miro_scale.rewards.registry import canonical_key  # noqa: E402
-from miro_scale.rewards.scoring import read_scores, scoring_metadata, write_table_atomic, _atomic_write_bytes  # noqa: E402
+from miro_scale.rewards.scores_io import _atomic_write_bytes, read_scores, scoring_metadata, write_table_atomic  # noqa: E402
 
 
 def main(argv=None):

@@ -16,6 +16,14 @@ Infrastructure:
   binning.py   fit_bins / apply_bins / save_bins / load_bins: calibration and binning
 Command lines: preprocessing/score.py, preprocessing/bin.py, preprocessing/bench_score.py.
 """
-from .base import VIEWS, Reward, View  # noqa: F401
 from .keys import MIRO_REWARD_KEYS, REWARD_KEYS, SYNTHETIC_REWARD_KEYS  # noqa: F401
-from .registry import ALIASES, available_rewards, build_reward, canonical_key  # noqa: F401
+
+_LAZY = {"VIEWS": "base", "Reward": "base", "View": "base", "ALIASES": "registry",
+         "available_rewards": "registry", "build_reward": "registry", "canonical_key": "registry"}
+
+
+def __getattr__(name):  # torch is imported only when a model-side name is used
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

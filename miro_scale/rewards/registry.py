@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-import torch
-
 from .keys import REWARD_KEYS
 
 ALIASES = {
@@ -116,8 +114,10 @@ def available_rewards() -> List[str]:
     return [k for k in REWARD_KEYS if k in BUILDERS]
 
 
-def build_reward(name: str, variant: str = "pretrained", device="cpu", dtype=torch.float32, seed: int = 0,
+def build_reward(name: str, variant: str = "pretrained", device="cpu", dtype=None, seed: int = 0,
                  **kwargs):
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
     if variant not in ("pretrained", "random", "tiny"):
         raise ValueError(f"variant must be pretrained, random or tiny, got {variant!r}")
     key = canonical_key(name)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .base import Reward, View
+from .scores_io import _atomic_write_bytes, read_scores, scoring_metadata, write_table_atomic  # noqa: F401
 from .registry import build_reward, canonical_key
 
 STATUS_OK = "ok"
@@ -105,24 +106,6 @@ def output_path(out_dir: str, shard: str, group: Optional[int] = None) -> Path:
 
 
 # ----------------------------------------------------------------------------- io helpers
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_table_atomic(table, path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
 def _rows_to_table(rows: Dict[str, list], reward_cols: List[str], meta: dict):
     import pyarrow as pa
     cols = {"key": pa.array(rows["key"], pa.string()), "status": pa.array(rows["status"], pa.string()),
@@ -598,29 +581,3 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
     if initialized_here:
         dist.destroy_process_group()
     return summary
-
-
-def read_scores(out_dir: str, columns: Optional[Sequence[str]] = None):
-    """All finished shards of a scores directory as one pyarrow table (plus a 'shard' column)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    files = sorted(p for p in Path(out_dir).glob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"{out_dir}: no scored shards (*.parquet)")
-    tables = []
-    for f in files:
-        t = pq.read_table(f, columns=None if columns is None else ["key", "status", *columns])
-        tables.append(t.append_column("shard", pa.array([f.stem] * t.num_rows, pa.string())))
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def scoring_metadata(out_dir: str) -> dict:
-    """Reward ids / digests recorded in the scored shards (union over shards)."""
-    import pyarrow.parquet as pq
-    rewards: Dict[str, dict] = {}
-    for f in sorted(Path(out_dir).glob("*.parquet")):
-        md = pq.read_schema(f).metadata or {}
-        if b"miro_scoring" in md:
-            for k, v in json.loads(md[b"miro_scoring"])["rewards"].items():
-                rewards.setdefault(k, v)
-    return rewards
