@@ -305,6 +305,8 @@ def run(args: argparse.Namespace, device: str, timer: Callable[[Callable], float
         "targets": checks,
     }
     print(f"{device_name}  torch {torch.__version__}  triton {triton.__version__}  dtype {args.dtype}")
+    if "liger" in args.baselines and _liger()[0] is None:
+        print("Liger-Kernel is not installed: no Liger baseline (pip install liger-kernel)")
     print(format_table(rows))
     missed = [c for c in checks if not c["met"]]
     print(f"\ntargets met: {len(checks) - len(missed)}/{len(checks)}")
