@@ -160,17 +160,33 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where batches come from. `synthetic_tensors` needs nothing on disk (tests, smoke runs)."""
+    """Where batches come from.
 
-    source: Literal["synthetic_tensors"] = "synthetic_tensors"
+    synthetic_tensors: deterministic latents/embeddings/rewards made in memory (smoke runs, tests).
+    shards: WebDataset shards (docs/data.md) read by the PIL/torch or DALI loader; `mode` "latent"
+    reads precomputed VAE latents, "image" decodes images (encoded by the autoencoder on the fly);
+    text comes as precomputed embeddings or as captions encoded by the text encoder on the fly.
+    """
+
+    source: Literal["synthetic_tensors", "shards"] = "synthetic_tensors"
     num_samples: int = 4096  # synthetic_tensors: size of the deterministic dataset
-    text_len: int = 16  # text tokens per sample (the release pads to 256)
-    num_workers: int = 0
+    text_len: int = 16  # synthetic_tensors: text tokens per sample (the release pads to 256)
+    shards: str = ""  # shards: a directory, a glob or a brace pattern ('data/{00000..01999}.tar')
+    loader: Literal["pil", "dali"] = "pil"
+    mode: Literal["latent", "image"] = "latent"
+    resolution: int = 256  # image mode: pixels
+    caption_source: str = "txt"  # "txt" or a name in json["captions"] (e.g. a synthetic caption)
+    precomputed_text: bool = True  # text embeddings stored in the shards; else encode captions
+    max_text_len: int = 256
+    num_workers: int = 2
 
     def validate(self, prefix: str) -> None:
         _require(self.num_samples >= 1, prefix, "num_samples", "must be >= 1")
         _require(self.text_len >= 1, prefix, "text_len", "must be >= 1")
+        _require(self.max_text_len >= 1, prefix, "max_text_len", "must be >= 1")
         _require(self.num_workers >= 0, prefix, "num_workers", "must be >= 0")
+        _require(self.resolution >= 1, prefix, "resolution", "must be >= 1")
+        _require(self.source != "shards" or bool(self.shards), prefix, "shards", "is required when source is 'shards'")
 
 
 @dataclass
@@ -257,6 +273,11 @@ class MiroConfig:
         _require(len(self.flow.latent_shift) == self.model.latent_channels, "flow.", "latent_shift",
                  f"has {len(self.flow.latent_shift)} channels, model.latent_channels is "
                  f"{self.model.latent_channels}")
+        if self.data.source == "shards" and self.data.mode == "image":
+            downsample = 8 if self.autoencoder.kind == "sdxl_vae" else 1
+            _require(self.data.resolution == self.model.latent_size * downsample, "data.", "resolution",
+                     f"{self.data.resolution} px through the {self.autoencoder.kind} autoencoder does not give "
+                     f"model.latent_size {self.model.latent_size}")
         if self.engine.kind == "deepspeed" and self.engine.zero_stage >= 1 and self.optim.name == "lamb":
             raise ConfigError(
                 f"optim.name: LAMB's layer-wise trust ratio needs whole parameters, but DeepSpeed ZeRO stage "

@@ -3,18 +3,19 @@
 The sampler walks a seeded permutation of the dataset per epoch, cut into micro-batch-sized
 chunks; rank r takes chunks r, r + world, r + 2*world, ... So one optimizer step always consumes
 the same consecutive chunks whatever the split between processes and accumulation (1 rank x 2
-micro-batches sees what 2 ranks x 1 micro-batch see), and `last_chunk_id` names the chunk just
-served so per-sample randomness can be tied to it. The state (epoch, position) is saved with each
-checkpoint, so a resumed run continues with exactly the next batch.
+micro-batches sees what 2 ranks x 1 micro-batch see); the shard loaders of miro_scale.data plan
+their epochs the same way. The state is saved with each checkpoint, so a resumed run continues
+with exactly the next batch.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
 from miro_scale.config import MiroConfig
 from miro_scale.data.synthetic_tensors import SyntheticLatentDataset, collate
+from miro_scale.models.encoders import build_autoencoder, build_text_encoder
 
 
 class EpochBatchStream:
@@ -27,7 +28,6 @@ class EpochBatchStream:
         self.epoch, self.position = 0, 0  # position counts this rank's batches within the epoch
         # Whole rounds of `world` chunks only, so every rank serves the same number per epoch.
         self.chunks_per_epoch = len(dataset) // (batch_size * world_size) * world_size
-        self.last_chunk_id = -1
         self._order = (None, None)  # (epoch, permutation) cache
 
     def _epoch_order(self) -> torch.Tensor:
@@ -45,15 +45,101 @@ class EpochBatchStream:
             self.epoch, self.position = self.epoch + 1, 0
             return next(self)
         self.position += 1
-        self.last_chunk_id = self.epoch * self.chunks_per_epoch + chunk
         indices = self._epoch_order()[chunk * self.batch_size:(chunk + 1) * self.batch_size]
         return collate([self.dataset[int(i)] for i in indices])
+
+    def preview_prompts(self, count: int) -> Dict[str, torch.Tensor]:
+        """Fixed prompts for sample grids: the dataset's first samples."""
+        batch = collate([self.dataset[i] for i in range(min(count, len(self.dataset)))])
+        return {k: batch[k] for k in ("text_embeddings", "text_mask")}
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class ShardBatchStream:
+    """Batches from WebDataset shards (miro_scale.data loaders) in the trainer's format.
+
+    Images are encoded by the autoencoder and captions by the (frozen) text encoder on the fly
+    when the shards carry no precomputed latents or embeddings.
+    """
+
+    def __init__(self, cfg: MiroConfig, rank: int, world_size: int, device: torch.device):
+        from miro_scale.data import make_loader
+
+        d = cfg.data
+        kwargs = dict(mode=d.mode, resolution=d.resolution, reward_keys=cfg.model.reward_keys,
+                      caption_source=d.caption_source, text_embeddings=d.precomputed_text,
+                      max_text_len=d.max_text_len, rank=rank, world_size=world_size, seed=cfg.train.seed)
+        if d.loader == "dali":
+            kwargs["device_id"] = device.index if device.type == "cuda" else None
+        else:
+            kwargs["num_workers"] = d.num_workers
+        self.loader = make_loader(d.loader, d.shards, cfg.train.micro_batch_size, **kwargs)
+        self.device = device
+        self.autoencoder = None
+        if d.mode == "image":
+            ae_kwargs = {"device": device} if cfg.autoencoder.kind == "sdxl_vae" else {}
+            self.autoencoder = build_autoencoder(cfg.autoencoder.kind, cfg.autoencoder.name_or_path, **ae_kwargs)
+        self.text_encoder = None
+        if not d.precomputed_text:
+            extra = {"dim": cfg.model.text_dim} if cfg.text_encoder.kind == "small" else {"device": device}
+            self.text_encoder = build_text_encoder(cfg.text_encoder.kind, cfg.text_encoder.name_or_path,
+                                                   cfg.text_encoder.max_length, **extra)
+            if isinstance(self.text_encoder, torch.nn.Module):
+                self.text_encoder.to(device).eval().requires_grad_(False)
+        self._stream: Optional[Iterator] = None
+
+    @torch.no_grad()
+    def encode_captions(self, captions: List[str]) -> Dict[str, torch.Tensor]:
+        embeddings, mask = self.text_encoder.encode(captions)
+        return {"text_embeddings": embeddings, "text_mask": mask}
+
+    @torch.no_grad()
+    def to_training_batch(self, batch: Dict) -> Dict[str, torch.Tensor]:
+        out = {"rewards": batch["rewards"]}
+        if self.autoencoder is not None:
+            mean, std = self.autoencoder.encode(batch["image"].to(self.device))
+            out["latents"], out["latents_std"] = mean, std
+        else:
+            out["latents"] = batch["latents"]
+            if "latents_std" in batch:
+                out["latents_std"] = batch["latents_std"]
+        if self.text_encoder is not None:
+            out.update(self.encode_captions(batch["text"]))
+        else:
+            out["text_embeddings"], out["text_mask"] = batch["text_embeddings"], batch["text_mask"]
+        return out
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._stream is None:
+            self._stream = self.loader.stream()
+        return self.to_training_batch(next(self._stream))
+
+    def preview_prompts(self, count: int) -> Dict[str, torch.Tensor]:
+        """Fixed prompts for sample grids: the first samples of epoch 0's plan on rank 0."""
+        state = self.loader.state_dict()
+        self.loader.load_state_dict({**state, "epoch": 0, "batch_in_epoch": 0})
+        batch = next(iter(self.loader))
+        self.loader.load_state_dict(state)
+        out = self.to_training_batch(batch)
+        return {k: out[k][:count].cpu() for k in ("text_embeddings", "text_mask")}
+
+    def state_dict(self) -> Dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.loader.load_state_dict(state)
+        self._stream = None
+
+
+def build_batch_stream(cfg: MiroConfig, rank: int, world_size: int, device: torch.device):
+    if cfg.data.source == "shards":
+        return ShardBatchStream(cfg, rank, world_size, device)
+    return EpochBatchStream(build_dataset(cfg), cfg.train.micro_batch_size, cfg.train.seed, rank, world_size)
 
 
 def build_dataset(cfg: MiroConfig):

@@ -19,11 +19,6 @@ from miro_scale.sampling import sample
 from miro_scale.train.optim import EMA
 
 
-def fixed_prompts(dataset, count: int) -> Dict[str, torch.Tensor]:
-    samples = [dataset[i] for i in range(min(count, len(dataset)))]
-    return {k: torch.stack([s[k] for s in samples]) for k in ("text_embeddings", "text_mask")}
-
-
 def build_decoder(cfg: MiroConfig, device) -> Callable[[torch.Tensor], torch.Tensor]:
     """Normalised latents -> RGB in [-1, 1]. Without an RGB autoencoder (synthetic latents), the
     first three latent channels are shown as they are."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from miro_scale.config import ConfigError, MiroConfig, config_to_dict
 from miro_scale.flow import MiroFlowModel, flow_matching_loss
 from miro_scale.train import checkpoint
-from miro_scale.train.data import EpochBatchStream, build_dataset
+from miro_scale.train.data import build_batch_stream
 from miro_scale.models.flops import training_flops_per_sample
 from miro_scale.train import previews
 from miro_scale.train.engines import build_engine, canonical_name
@@ -87,10 +87,11 @@ class Trainer:
         self.flops_per_sample = training_flops_per_sample(cfg, cfg.data.text_len)
         self.engine = build_engine(model, cfg, self.accumulation)
         self.ema = EMA(self.engine.local_parameters(), cfg.optim.ema_decay, cfg.optim.ema_start_step)
-        dataset = build_dataset(cfg)
-        self.data = EpochBatchStream(dataset, cfg.train.micro_batch_size, cfg.train.seed, self.rank, self.world)
-        self.preview_prompts = previews.fixed_prompts(dataset, cfg.train.sample_count)
-        self.decode = previews.build_decoder(cfg, self.device) if cfg.train.sample_every else None
+        self.data = build_batch_stream(cfg, self.rank, self.world, self.device)
+        self.preview_prompts = self.decode = None
+        if cfg.train.sample_every:
+            self.preview_prompts = self.data.preview_prompts(cfg.train.sample_count)
+            self.decode = previews.build_decoder(cfg, self.device)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
         # Noise, gamma and self-conditioning draws are seeded per data chunk (see train_step).
         self.generator = torch.Generator(self.device)
@@ -158,9 +159,10 @@ class Trainer:
         total_loss, raw_loss = 0.0, 0.0
         for micro in range(self.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
-            # Randomness tied to the data chunk: the same run gives the same draws on any number
-            # of ranks, and resuming needs no generator state.
-            self.generator.manual_seed(self.cfg.train.seed * 1_000_003 + self.data.last_chunk_id)
+            # Randomness tied to the data chunk (rank r serves chunks r, r + world, ...): the same
+            # run gives the same draws on any number of ranks, and resuming needs no generator state.
+            chunk = (self.step * self.accumulation + micro) * self.world + self.rank
+            self.generator.manual_seed(self.cfg.train.seed * 1_000_003 + chunk)
             with autocast:
                 loss, metrics = flow_matching_loss(self.forward_model, batch, self.cfg.flow,
                                                    self.cfg.model.self_conditioning, self.generator)
