@@ -386,18 +386,39 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     return data
 
 
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def read_config_file(path: str | Path, _seen: tuple = ()) -> Dict[str, Any]:
+    """A JSON config as a dict; `"extends": "other.json"` (relative to this file) is read first and
+    this file's values are merged over it, so variants state only what differs."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be an object")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a file name")
+    return _merge(read_config_file(path.parent / base, _seen + (path.resolve(),)), data)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> MiroConfig:
     """Load a JSON config (or the defaults when path is None), apply overrides, validate."""
-    data: Dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be an object")
+    data: Dict[str, Any] = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     try:
         return config_from_dict(data)

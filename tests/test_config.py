@@ -70,3 +70,24 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match=r"missing\.json: config file not found"):
         load_config(tmp_path / "missing.json")
+
+
+def test_variants_extend_a_base_config(tmp_path):
+    (tmp_path / "base.json").write_text(json.dumps(tiny_config_dict()))
+    (tmp_path / "variant.json").write_text(json.dumps({"extends": "base.json", "model": {"reward_keys": []}}))
+    cfg = load_config(tmp_path / "variant.json")
+    assert cfg.model.reward_keys == [] and cfg.model.latents_dim == 64
+    (tmp_path / "loop.json").write_text(json.dumps({"extends": "loop.json"}))
+    with pytest.raises(ConfigError, match="'extends' forms a cycle"):
+        load_config(tmp_path / "loop.json")
+    for name, keys in [("baseline_16m", 0), ("specialist_aesthetic_16m", 1), ("leave_one_out_vqa_16m", 6),
+                       ("miro_16m_8gpu", 7), ("post_training_16m", 7)]:
+        assert len(load_config(ROOT / f"configs/{name}.json").model.reward_keys) == keys
+
+
+def test_lamb_under_zero_sharding_is_refused():
+    data = tiny_config_dict(engine={"kind": "deepspeed", "zero_stage": 2})
+    with pytest.raises(ConfigError, match="optim.name: LAMB's layer-wise trust ratio needs whole parameters"):
+        config_from_dict(data)
+    data["optim"]["name"] = "adamw"
+    assert config_from_dict(data).engine.zero_stage == 2

@@ -71,3 +71,37 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     trainer.train_step()
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         trainer.train_step()
+
+
+def test_post_training_starts_from_an_exported_baseline(tmp_path):
+    """Baseline (no rewards) -> export EMA -> a 3-reward model starts from it; only reward modules are new."""
+    import subprocess as sp
+
+    from miro_scale.convert import load_model_file
+
+    base = Trainer(config_from_dict(tiny_config_dict(model={"reward_keys": []},
+                                                     train={"output_dir": str(tmp_path / "base")})))
+    base.train_step()
+    ckpt = base.save()
+    out = tmp_path / "baseline.safetensors"
+    sp.run([sys.executable, "checkpoints_tools/export.py", "--checkpoint", str(ckpt), "--out", str(out)],
+           cwd=ROOT, check=True, capture_output=True)
+    exported = load_model_file(out)
+    post = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "post"),
+                                                            "init_from": str(out)})))
+    state = post.engine.module.state_dict()
+    for key, value in exported.items():
+        assert torch.equal(state[key], value), key
+    assert any(k.startswith("net.coherence_embedder.") for k in state if k not in exported)
+    assert post.train_step()["loss"] > 0
+
+
+def test_sample_grid_is_written_during_training(tmp_path):
+    trainer = Trainer(config_from_dict(tiny_config_dict(
+        train={"output_dir": str(tmp_path / "grid"), "steps": 2, "sample_every": 2, "sample_count": 3},
+        sampling={"num_steps": 2}, autoencoder={"kind": "identity"})))
+    trainer.fit()
+    from PIL import Image
+
+    image = Image.open(tmp_path / "grid/samples/step_00000002.png")
+    assert image.size == (3 * 9 + 1, 2 * 9 + 1)  # 3 prompts x (s+ = 1 guided, s+ = 0) of 8 px, 1 px padding

@@ -61,14 +61,18 @@ def accumulation_steps(cfg: MiroConfig, world: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
+REWARD_MODULES = ("net.coherence_embedder.", "net.coherence_positional_embedding")
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Initial weights from an exported model file (checkpoints_tools/export.py): post-training."""
+    """Initial weights from an exported model file (checkpoints_tools/export.py). Post-training
+    starts a reward-conditioned model from a baseline: only the reward embedders may be new."""
     from miro_scale.convert import load_model_file
 
-    try:
-        model.load_state_dict(load_model_file(path))
-    except RuntimeError as err:
-        raise RuntimeError(f"train.init_from {path}: {err}") from None
+    missing, unexpected = model.load_state_dict(load_model_file(path), strict=False)
+    missing = [k for k in missing if not k.startswith(REWARD_MODULES)]
+    if missing or unexpected:
+        raise KeyError(f"train.init_from {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 class Trainer:
