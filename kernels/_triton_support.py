@@ -8,6 +8,7 @@ timing, so two processes can pick different configs for the same shape; a differ
 count changes the reduction tree and with it the low bits of the result. Fixed heuristics keep
 forward and backward bit-reproducible from run to run, which the training runs rely on.
 """
+import functools
 import os
 
 import torch
@@ -74,11 +75,16 @@ def reduction_programs(device: torch.device, n_tiles: int, num_warps: int) -> in
     one after another, so a handful suffices and still exercises the cross-program reduction.
     """
     if device.type == "cuda":
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        per_sm = max(2, 16 // num_warps)
+        sm_count, per_sm = _sm_count(device.index), max(2, 16 // num_warps)
     else:
         sm_count, per_sm = 4, 1
     return max(1, min(n_tiles, sm_count * per_sm))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """A driver query: once per device, not once per launch (a CUDA tensor's device has an index)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
