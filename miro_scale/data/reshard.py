@@ -8,8 +8,13 @@ Sidecar formats (``--sidecar``):
 - ``.parquet``: a ``key`` column and, per reward, ``<reward>_raw`` and/or ``<reward>_bin`` (and
   optionally ``<reward>_value``) columns.
 
-With ``--bin-from-raw``, bins are quantile bins of the raw scores (``--num-bins`` bins, edges from at
-most 100k scores drawn with the given seed); the edges go into manifest.json.
+``--sidecar`` takes several files and directories (all sidecars in them, e.g. the per-shard
+``*.rewards.json`` / ``*.rewards.parquet`` that ``preprocessing/bin.py --apply`` writes, whose json
+entries are wrapped in ``{"rewards": ...}`` and whose parquet columns are ``<reward>.<field>``).
+
+With ``--bin-from-raw``, bins are quantile bins of all the raw scores (``--num-bins`` bins, computed
+by miro_scale.rewards.binning, which preprocessing/bin.py uses too); the edges go into manifest.json.
+For calibration on a sample, other strategies and a missing-reward policy, use preprocessing/bin.py.
 
 Examples::
 
@@ -29,6 +34,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .decode import decode_image
+from miro_scale.rewards.binning import RewardBins, compute_edges
+
 from .format import IMAGE_EXTS, SampleError, image_ext, parse_json, reward_entry
 from .plan import resolve_shards
 from .tario import index_path_for, load_index, iter_samples, write_index_file
@@ -37,27 +44,28 @@ from .writer import ShardWriter, keys_digest, write_manifest
 log = logging.getLogger("miro_scale.data")
 
 
-# ----------------------------------------------------------------------------- binning
-def quantile_edges(scores: np.ndarray, num_bins: int = 64, max_samples: int = 100_000,
-                   seed: int = 0) -> np.ndarray:
-    """Inner bin edges (num_bins - 1) at equally spaced quantiles of finite scores."""
-    s = np.asarray(scores, dtype=np.float64)
-    s = s[np.isfinite(s)]
-    if s.size == 0:
-        raise ValueError("no finite scores to bin")
-    if s.size > max_samples:
-        s = np.random.default_rng(seed).choice(s, max_samples, replace=False)
-    return np.quantile(s, np.linspace(0, 1, num_bins + 1)[1:-1])
-
-
-def assign_bins(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    return np.searchsorted(edges, np.asarray(scores, dtype=np.float64), side="right").astype(np.int64)
-
-
 # ----------------------------------------------------------------------------- sidecar
-def load_sidecar(path: str, reward_keys: Sequence[str] | None = None, num_bins: int = 64,
-                 bin_from_raw: bool = False, seed: int = 0) -> tuple:
-    """Returns ({key: {reward: entry}}, {reward: edges list} or {})."""
+SIDECAR_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def sidecar_files(paths) -> list:
+    """Sidecar files from files and directories (a directory contributes every sidecar in it)."""
+    files = []
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(SIDECAR_SUFFIXES))
+            if not found:
+                raise ValueError(f"{path}: directory has no sidecar ({', '.join(SIDECAR_SUFFIXES)}) files")
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"sidecar {path} not found")
+    return files
+
+
+def _read_sidecar_file(path: str) -> dict:
+    """{key: {reward: entry}} from one sidecar file."""
     raw: dict = {}
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -65,13 +73,16 @@ def load_sidecar(path: str, reward_keys: Sequence[str] | None = None, num_bins: 
         table = pq.read_table(path).to_pydict()
         if "key" not in table:
             raise ValueError(f"{path}: parquet sidecar has no 'key' column")
-        names = sorted({c.rsplit("_", 1)[0] for c in table if c != "key" and
-                        c.rsplit("_", 1)[-1] in ("raw", "bin", "value")})
+        # Columns "<reward>_<field>" or, as preprocessing/bin.py writes them, "<reward>.<field>".
+        fields = {}
+        for c in table:
+            for sep in (".", "_"):
+                name, _, field_name = c.rpartition(sep)
+                if c != "key" and name and field_name in ("raw", "bin", "value"):
+                    fields.setdefault(name, {})[field_name] = c
+                    break
         for i, key in enumerate(table["key"]):
-            d = {}
-            for r in names:
-                d[r] = {f: table[f"{r}_{f}"][i] for f in ("raw", "bin", "value") if f"{r}_{f}" in table}
-            raw[str(key)] = d
+            raw[str(key)] = {r: {f: table[c][i] for f, c in cols.items()} for r, cols in fields.items()}
     elif path.endswith(".jsonl"):
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -80,15 +91,29 @@ def load_sidecar(path: str, reward_keys: Sequence[str] | None = None, num_bins: 
                     if "key" not in row:
                         raise ValueError(f"{path}:{lineno}: no 'key'")
                     raw[str(row["key"])] = row.get("rewards", {})
-    else:
+    else:  # {key: {reward: entry}} or, as preprocessing/bin.py writes it, {key: {"rewards": {...}}}
         with open(path) as f:
-            raw = {str(k): v for k, v in json.load(f).items()}
+            raw = {str(k): v.get("rewards", v) if isinstance(v, Mapping) else v for k, v in json.load(f).items()}
+    return raw
+
+
+def load_sidecar(paths, reward_keys: Sequence[str] | None = None, num_bins: int = 64,
+                 bin_from_raw: bool = False) -> tuple:
+    """Returns ({key: {reward: entry}}, {reward: edges list} or {})."""
+    raw, source = {}, {}
+    for path in sidecar_files(paths):
+        for key, rewards in _read_sidecar_file(path).items():
+            if key in raw:
+                raise ValueError(f"{path}: key {key!r} is also in {source[key]}")
+            raw[key], source[key] = rewards, path
     keys = list(reward_keys) if reward_keys else sorted({r for v in raw.values() for r in v})
     edges_out: dict = {}
-    if bin_from_raw:
+    binners = {}
+    if bin_from_raw:  # the project's one binning implementation (preprocessing/bin.py uses it too)
         for r in keys:
             vals = np.array([_raw_of(v.get(r)) for v in raw.values()], dtype=np.float64)
-            edges = quantile_edges(vals, num_bins, seed=seed)
+            edges = compute_edges(vals, num_bins, "quantile")
+            binners[r] = RewardBins(key=r, strategy="quantile", num_bins=num_bins, edges=edges.tolist())
             edges_out[r] = edges.tolist()
     out: dict = {}
     for key, rewards in raw.items():
@@ -97,12 +122,12 @@ def load_sidecar(path: str, reward_keys: Sequence[str] | None = None, num_bins: 
             e = rewards.get(r)
             if e is None:
                 continue
-            where = f"{path}:{key}:{r}"
+            where = f"{source[key]}:{key}:{r}"
             if bin_from_raw:
                 x = _raw_of(e)
                 if x is None or not np.isfinite(x):
                     continue
-                d[r] = reward_entry(x, int(assign_bins([x], np.asarray(edges_out[r]))[0]), num_bins)
+                d[r] = reward_entry(x, int(binners[r].assign(np.array([x]))[0]), num_bins)
             else:
                 if not isinstance(e, Mapping) or e.get("bin") is None:
                     raise ValueError(f"{where}: entry has no 'bin' (use --bin-from-raw for raw scores)")
@@ -143,11 +168,10 @@ def index_shards(paths: Sequence[str], progress: bool = True) -> list:
     return [e for es in by_dir.values() for e in es]
 
 
-def reshard(inputs, out_dir: str, sidecar: str | None = None, reward_keys: Sequence[str] | None = None,
+def reshard(inputs, out_dir: str, sidecar=None, reward_keys: Sequence[str] | None = None,
             num_bins: int = 64, bin_from_raw: bool = False, shard_size: int | None = 1000,
             max_bytes: int | None = None, validate_images: bool = False, drop_missing: bool = False,
-            require: Sequence = (IMAGE_EXTS, "txt"), seed: int = 0,
-            progress: bool = True) -> Counter:
+            require: Sequence = (IMAGE_EXTS, "txt"), progress: bool = True) -> Counter:
     """Copy samples from ``inputs`` into new shards in ``out_dir``, merging sidecar rewards into each
     json (a json member is created when the input has none). Samples missing a required member,
     with an empty member, with a duplicate key, with a bad
@@ -158,7 +182,7 @@ def reshard(inputs, out_dir: str, sidecar: str | None = None, reward_keys: Seque
     paths = resolve_shards(inputs)
     side, edges = ({}, {})
     if sidecar:
-        side, edges = load_sidecar(sidecar, reward_keys, num_bins, bin_from_raw, seed)
+        side, edges = load_sidecar(sidecar, reward_keys, num_bins, bin_from_raw)
     req = [tuple(r) if isinstance(r, (tuple, list)) else (r,) for r in require]
     stats: Counter = Counter()
     seen: set = set()
@@ -222,7 +246,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="shard dirs, globs, .tar files")
     p.add_argument("--out", help="output directory (not with --index-only)")
-    p.add_argument("--sidecar", help="rewards sidecar (.json, .jsonl, .parquet)")
+    p.add_argument("--sidecar", nargs="+", help="reward sidecars (.json, .jsonl, .parquet) or directories of them")
     p.add_argument("--reward-keys", default="", help="comma-separated reward keys (default: all)")
     p.add_argument("--num-bins", type=int, default=64)
     p.add_argument("--bin-from-raw", action="store_true", help="quantile-bin raw sidecar scores")
@@ -231,7 +255,6 @@ def main(argv=None) -> None:
     p.add_argument("--validate-images", action="store_true", help="decode each image, skip bad ones")
     p.add_argument("--drop-missing", action="store_true", help="skip samples without sidecar rewards")
     p.add_argument("--index-only", action="store_true", help="only write .idx files and manifest")
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if a.index_only:
@@ -242,7 +265,7 @@ def main(argv=None) -> None:
         p.error("--out is required unless --index-only")
     keys = [k for k in a.reward_keys.split(",") if k] or None
     stats = reshard(a.input, a.out, a.sidecar, keys, a.num_bins, a.bin_from_raw, a.shard_size,
-                    a.max_bytes, a.validate_images, a.drop_missing, seed=a.seed)
+                    a.max_bytes, a.validate_images, a.drop_missing)
     print(json.dumps(dict(stats), sort_keys=True))
 
 
