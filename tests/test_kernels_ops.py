@@ -4,8 +4,10 @@ Collected for real only in a process started with TRITON_INTERPRET=1 (see
 tests/test_kernels_interpreter.py, which starts that process from a plain `pytest tests`).
 
 Tolerance (flash-attention's rule): |triton - fp64 reference| <= 2 * |naive same-dtype torch -
-fp64 reference| + atol + eps(dtype) * |reference|, where "naive" evaluates the same formula with
-torch entirely in the input dtype and the last term is the rounding of the output itself.
+fp64 reference| + atol, where "naive" evaluates the same formula with torch entirely in the input
+dtype. For bf16 add one bf16 ulp (eps * |reference|): the interpreter converts fp32 to bf16 by
+truncation (the GPU rounds to nearest even, and so does torch), so an interpreted bf16 output can
+sit a whole ulp from the exact value where the naive reference happens to round onto it.
 """
 import os
 
@@ -44,7 +46,10 @@ def assert_within_rule(actual, exact, naive, dtype, what=""):
     nan = exact.isnan()
     assert torch.equal(actual.isnan(), nan), f"{what}: NaN pattern differs"
     err = (actual - exact).abs()[~nan]
-    bound = (2 * (naive - exact).abs() + ATOL[dtype] + torch.finfo(dtype).eps * exact.abs())[~nan]
+    bound = 2 * (naive - exact).abs() + ATOL[dtype]
+    if dtype == torch.bfloat16:
+        bound = bound + torch.finfo(dtype).eps * exact.abs()
+    bound = bound[~nan]
     worst = (err - bound).argmax() if err.numel() else None
     assert (err <= bound).all(), f"{what}: error {err[worst]:.3g} exceeds bound {bound[worst]:.3g}"
 
@@ -70,8 +75,7 @@ def check_against_references(triton_fn, naive_fn, inputs, dtype, douts=None):
     outs = triton_fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     douts = douts or [torch.randn_like(o) for o in outs]
-    for name, o in zip("abcd", outs):
-        assert o.dtype == dtype, name
+    assert all(o.dtype == dtype for o in outs)
     got_grads = grads(outs, inputs, douts)
 
     results = {}
@@ -116,9 +120,7 @@ def test_rms_norm_row_counts(rows):
     )
 
 
-@pytest.mark.parametrize(
-    "layout", ["column_slice", "transposed", "batched_3d"]
-)
+@pytest.mark.parametrize("layout", ["column_slice", "transposed", "batched_3d"])
 def test_rms_norm_non_contiguous(layout):
     hidden = 96
     if layout == "column_slice":  # rows of a wider buffer: a strided view, no copy
