@@ -203,3 +203,17 @@ def test_views():
     assert torch.allclose(c[:, 112, 112], ((torch.tensor([1.0, 0, 0]).view(3, 1, 1) - mean) / std).view(3), atol=1e-5)
     px = VIEWS["pixels"].one(Image.new("RGB", (1024, 512)))
     assert px.shape == (256, 512, 3) and px.dtype.name == "uint8"
+
+
+def test_center_crop_view_equals_torchvision_resize_centercrop():
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from miro_scale.rewards.base import OPENAI_MEAN, OPENAI_STD
+    tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    rng = np.random.default_rng(0)
+    for w, h in [(300, 201), (201, 300), (225, 224), (500, 333), (224, 224), (100, 50)]:
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(VIEWS["clip224"].one(im), tf(im)), (w, h)

@@ -148,3 +148,17 @@ def test_an_unreadable_shard_is_reported_and_retried(shards, tmp_path):
                          rewards=["sharpness_score"]))
     assert s["shards_done"] == 2 and not s["shards_failed"]
     assert not (tmp_path / "o" / "00001.error.json").exists()
+
+
+def test_bf16_weights(shards, tmp_path):
+    keys = ["aesthetic_score", "hpsv2_score", "pick_a_score_score", "image_reward_score", "vqa_score"]
+    a = run_scoring(_cfg(shards[:1], tmp_path / "fp32", rewards=keys))
+    b = run_scoring(_cfg(shards[:1], tmp_path / "bf16", rewards=keys, weights_dtype="bf16"))
+    assert a["num_ok"] == b["num_ok"] == 8
+    ta, tb = read_scores(str(tmp_path / "fp32")), read_scores(str(tmp_path / "bf16"))
+    for k in keys:
+        x = np.array(ta.column(k).to_pylist(), float)
+        y = np.array(tb.column(k).to_pylist(), float)
+        ok = np.isfinite(x)
+        assert ok.sum() >= 8 and np.isfinite(y[ok]).all()
+        assert np.allclose(x[ok], y[ok], rtol=0.1, atol=0.05 * (np.abs(x[ok]).max() + 1e-6)), k

@@ -55,10 +55,17 @@ class View:
                 img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
         if self.mode == "center_crop":
+            # torchvision Resize(size) + CenterCrop(size) on a PIL image, as CLIP, BLIP/ImageReward and the
+            # aesthetic predictor preprocess: the short side becomes `size`, the long side
+            # int(size * long / short) (floored), bicubic with PIL's antialiasing; the crop offset is
+            # round((n - size) / 2). (CLIPImageProcessor floors the offset: at most 1 px apart.)
             w, h = img.size
-            s = self.size / min(w, h)
-            nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
-            img = img.resize((nw, nh), Image.BICUBIC)
+            if w <= h:
+                nw, nh = self.size, max(self.size, int(self.size * h / w))
+            else:
+                nw, nh = max(self.size, int(self.size * w / h)), self.size
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BICUBIC)
             left, top = int(round((nw - self.size) / 2.0)), int(round((nh - self.size) / 2.0))
             img = img.crop((left, top, left + self.size, top + self.size))
         elif self.mode == "letterbox":

@@ -42,7 +42,10 @@ class _HFClipTokenizer:
             try:
                 from transformers import AutoTokenizer
                 self.hf = AutoTokenizer.from_pretrained(source)
-            except Exception:
+            except Exception as e:
+                import warnings
+                warnings.warn(f"CLIP tokenizer {source!r} unavailable ({type(e).__name__}); using open_clip's copy "
+                              "of the same BPE vocabulary (identical ids)")
                 self.hf = None
         if self.hf is None:
             from .openclip_models import open_clip_tokenizer

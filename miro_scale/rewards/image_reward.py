@@ -182,7 +182,8 @@ class ImageRewardModel(nn.Module):
     def score_embeds(self, image_embeds, input_ids, attention_mask):
         enc_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         h = self.blip.text_encoder(input_ids, attention_mask, image_embeds, enc_mask)
-        r = self.mlp(h[:, 0, :].float()).squeeze(-1)
+        w = self.mlp.layers[0].weight
+        r = self.mlp(h[:, 0, :].to(w.dtype)).float().squeeze(-1)
         return (r - IR_MEAN) / IR_STD
 
 

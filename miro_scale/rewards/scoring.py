@@ -54,6 +54,7 @@ class ScoreConfig:
     num_workers: int = 4           # decode threads
     device: Optional[str] = None   # default: cuda:LOCAL_RANK if available else cpu
     precision: str = "bf16"        # autocast dtype on GPU: bf16 | fp16 | fp32
+    weights_dtype: str = "fp32"    # dtype the weights are kept in (bf16 halves memory, e.g. VQAScore's 11B)
     progress: bool = True
     rank: Optional[int] = None
     world_size: Optional[int] = None
@@ -531,9 +532,14 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
             pending = [s for s in todo if ngroups == 1 or not output_path(cfg.out_dir, s, g).exists()]
             if not pending:
                 continue
-            dtype = torch.float32
-            rewards = [build_reward(k, cfg.variant, device=device, dtype=dtype, **cfg.reward_kwargs.get(k, {}))
-                       for k in keys]
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.weights_dtype]
+            rewards = []
+            for k in keys:
+                r = build_reward(k, cfg.variant, device=device, dtype=dtype, **cfg.reward_kwargs.get(k, {}))
+                if dtype != torch.float32:
+                    for m in r.modules():
+                        m.to(dtype=dtype)
+                rewards.append(r)
             scorer = ShardScorer(rewards, cfg, device)
             meta_rewards = {r.key: r.info() for r in rewards}
             for shard in pending:
