@@ -45,6 +45,8 @@ def main(argv=None):
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype on GPU")
     p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the weights (bf16 halves memory)")
+    p.add_argument("--draft-decode", action="store_true",
+                   help="decode big JPEGs at a reduced DCT scale (>= the largest view): faster, slightly different")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -63,8 +65,8 @@ def main(argv=None):
                       captions=[c.strip() for c in a.captions.split(",") if c.strip()], variant=a.variant,
                       reward_kwargs=reward_kwargs, batch_sizes=_kv(a.batch_size, "--batch-size"),
                       chunk_size=a.chunk_size, num_workers=a.num_workers, device=a.device,
-                      precision=a.precision, weights_dtype=a.weights_dtype, progress=not a.no_progress,
-                      debug_delay=a.debug_delay)
+                      precision=a.precision, weights_dtype=a.weights_dtype, draft_decode=a.draft_decode,
+                      progress=not a.no_progress, debug_delay=a.debug_delay)
     summary = run_scoring(cfg)
     if summary is not None:
         print(json.dumps({k: summary[k] for k in ("num_shards", "shards_done", "num_samples", "num_ok",

@@ -58,6 +58,8 @@ class ScoreConfig:
     progress: bool = True
     rank: Optional[int] = None
     world_size: Optional[int] = None
+    draft_decode: bool = False     # JPEG DCT-domain downscaling to >= the largest view (faster on big
+                                   # images; values then differ slightly from full-resolution decoding)
     debug_delay: float = 0.0       # seconds to sleep per chunk (tests of kill/resume)
 
 
@@ -214,7 +216,7 @@ class ShardScorer:
         for r in self.rewards:
             views.setdefault(r.view.name, r.view)
         self.views = list(views.values())
-        self.min_size = max(v.size for v in self.views) if self.views else 0
+        self.min_size = (max(v.size for v in self.views) if self.views else 0) if cfg.draft_decode else None
         self.cols = reward_columns(self.rewards, cfg.captions)
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
         if device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
