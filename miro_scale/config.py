@@ -205,6 +205,8 @@ class TrainConfig:
     peak_tflops: float = 989.0  # per device, dense bf16 (H100 SXM), the MFU denominator
     sample_every: int = 0  # steps between sample grids (0: never)
     sample_count: int = 8  # prompts in a grid; each at s+ = 1 (guided) and s+ = 0
+    eval_rewards: List[str] = field(default_factory=list)  # reward models scoring each grid's images
+    eval_reward_variant: Literal["pretrained", "random", "tiny"] = "pretrained"
 
     def validate(self, prefix: str) -> None:
         _require(self.steps >= 1, prefix, "steps", "must be >= 1")
@@ -218,6 +220,12 @@ class TrainConfig:
         _require(self.peak_tflops > 0, prefix, "peak_tflops", "must be > 0")
         _require(self.sample_every >= 0, prefix, "sample_every", "must be >= 0")
         _require(self.sample_count >= 1, prefix, "sample_count", "must be >= 1")
+        for i, key in enumerate(self.eval_rewards):
+            if key not in REWARD_KEYS:
+                raise ConfigError(f"{prefix}eval_rewards[{i}]: unknown reward key {key!r}"
+                                  f"{_nearest_hint(key, REWARD_KEYS)}")
+        _require(not self.eval_rewards or self.sample_every > 0, prefix, "eval_rewards",
+                 "scores the sample grids, so sample_every must be > 0")
 
 
 @dataclass

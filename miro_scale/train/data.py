@@ -126,7 +126,10 @@ class ShardBatchStream:
         batch = next(iter(self.loader))
         self.loader.load_state_dict(state)
         out = self.to_training_batch(batch)
-        return {k: out[k][:count].cpu() for k in ("text_embeddings", "text_mask")}
+        prompts = {k: out[k][:count].cpu() for k in ("text_embeddings", "text_mask")}
+        if "text" in batch:
+            prompts["captions"] = list(batch["text"][:count])
+        return prompts
 
     def state_dict(self) -> Dict:
         return self.loader.state_dict()

@@ -2,6 +2,7 @@
 
 Top row: every reward at s+ = 1, guided against s- = 0 (the MIRO default); bottom row: every reward
 at 0, unguided. The gap between the rows is the reward control the model has learnt so far.
+Prompts are {"text_embeddings", "text_mask"} and, when the data has them, "captions".
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def ema_weights(params: Dict[str, torch.Tensor], ema: EMA):
 
 
 @torch.no_grad()
-def render_grid(model, cfg: MiroConfig, prompts: Dict[str, torch.Tensor], decode, device, seed: int = 0) -> torch.Tensor:
+def render_samples(model, cfg: MiroConfig, prompts: Dict, decode, device, seed: int = 0) -> torch.Tensor:
+    """[rows * count, 3, H, W] images in [-1, 1]: rewards at 1 (guided) then at 0 (one row without rewards)."""
     text = prompts["text_embeddings"].to(device)
     mask = prompts["text_mask"].to(device)
     count, m = text.shape[0], cfg.model
@@ -62,7 +64,10 @@ def render_grid(model, cfg: MiroConfig, prompts: Dict[str, torch.Tensor], decode
         latents = torch.cat([high, low])
     else:
         latents = sample(model, noise, text, mask, None, **kwargs)
-    images = decode(latents).float().cpu()
+    return decode(latents).float().cpu()
+
+
+def to_grid(images: torch.Tensor, count: int) -> torch.Tensor:
     return make_grid((images + 1) / 2, nrow=count, padding=1).clamp(0, 1)
 
 

@@ -27,6 +27,7 @@ from miro_scale.models.flops import training_flops_per_sample
 from miro_scale.train import previews
 from miro_scale.train.engines import build_engine, canonical_name
 from miro_scale.train.optim import EMA
+from miro_scale.train.reward_eval import RewardEvaluator, plot_reward_curves
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -96,6 +97,8 @@ class Trainer:
         if cfg.train.sample_every:
             self.preview_prompts = self.data.preview_prompts(cfg.train.sample_count)
             self.decode = previews.build_decoder(cfg, self.device)
+        self.reward_eval = (RewardEvaluator(cfg.train.eval_rewards, cfg.train.eval_reward_variant, self.device)
+                            if cfg.train.eval_rewards and self.rank == 0 else None)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
         # Noise, gamma and self-conditioning draws are seeded per data chunk (see train_step).
         self.generator = torch.Generator(self.device)
@@ -202,13 +205,27 @@ class Trainer:
         return metrics
 
     def write_samples(self, writer) -> None:
-        """Every rank samples (sharded engines need all of them); rank 0 writes the grid."""
+        """Every rank samples (sharded engines need all of them); rank 0 writes the grid and
+        scores it with the evaluation rewards."""
         model = self.engine.forward_module
         model.eval()
         with previews.ema_weights(self.engine.local_parameters(), self.ema):
-            grid = previews.render_grid(model, self.cfg, self.preview_prompts, self.decode, self.device)
-        if self.rank == 0:
-            previews.save_grid(grid, self.out_dir / "samples", self.step, writer)
+            images = previews.render_samples(model, self.cfg, self.preview_prompts, self.decode, self.device)
+        if self.rank != 0:
+            return
+        count = self.preview_prompts["text_mask"].shape[0]
+        previews.save_grid(previews.to_grid(images, count), self.out_dir / "samples", self.step, writer)
+        if self.reward_eval is not None and len(images) == 2 * count:
+            captions = self.preview_prompts.get("captions")
+            record = {"step": self.step, "high": self.reward_eval(images[:count], captions),
+                      "low": self.reward_eval(images[count:], captions)}
+            for row in ("high", "low"):
+                for key, value in record[row].items():
+                    writer.add_scalar(f"eval/{key}/{row}", value, self.step)
+            log_path = self.out_dir / "reward_eval.jsonl"
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_reward_curves(log_path, self.out_dir / "reward_curves.png")
 
     # -- the loop -----------------------------------------------------------------------------
     def _request_stop(self, signum, _frame) -> None:
