@@ -64,7 +64,8 @@ def test_without_triton_everything_runs_the_reference():
         assert not _triton_support.HAS_TRITON and not kernels.runs_triton(torch.empty(1))
         q = torch.randn(2, 3, 32)
         out = kernels.qk_norm(q, q, torch.ones(32), torch.ones(32), 1e-6, kind="layer")
-        assert torch.equal(out[0], kernels.qk_norm_reference(q, q, torch.ones(32), torch.ones(32), 1e-6, kind="layer")[0])
+        ref = kernels.qk_norm_reference(q, q, torch.ones(32), torch.ones(32), 1e-6, kind="layer")
+        assert torch.equal(out[0], ref[0])
         print("ok")
         """,
         TRITON_INTERPRET="1",

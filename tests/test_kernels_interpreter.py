@@ -4,8 +4,9 @@ TRITON_INTERPRET must be set before triton is imported, and kernels/ reads it on
 one pytest process other test files may import the model (and with it kernels/ and triton) first.
 So each interpreter test file runs in its own child `python -m pytest` with TRITON_INTERPRET=1 in
 its environment from the start, and those files skip themselves when collected in a process
-without it. Running `TRITON_INTERPRET=1 python -m pytest tests/test_kernels_ops.py` directly works
-too; then this launcher skips, as the files are already collected in the interpreter.
+without it, unless that process has a CUDA GPU: then they run there as well, on CUDA tensors
+through the compiled kernels. Running `TRITON_INTERPRET=1 python -m pytest tests/test_kernels_ops.py`
+directly works too; then this launcher skips, as the files are already collected in the interpreter.
 """
 import os
 import subprocess
@@ -34,4 +35,5 @@ def test_in_triton_interpreter(test_file):
     )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     print(f"{test_file}: {summary}")
-    assert proc.returncode == 0, f"{test_file} failed in the interpreter:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
+    output = f"{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{test_file} failed in the interpreter:\n{output}"

@@ -1,25 +1,21 @@
-"""Triton kernels vs torch references, forward and backward, in Triton's CPU interpreter.
+"""Triton kernels vs torch references, forward and backward.
 
-Collected for real only in a process started with TRITON_INTERPRET=1 (see
-tests/test_kernels_interpreter.py, which starts that process from a plain `pytest tests`).
+Runs where the kernels really run: in the TRITON_INTERPRET=1 child process that
+tests/test_kernels_interpreter.py starts from a plain `pytest tests` (CPU tensors, interpreted
+kernels), and, on a CUDA machine, in the plain process too (CUDA tensors, compiled kernels).
 
 Tolerance (flash-attention's rule): |triton - fp64 reference| <= 2 * |naive same-dtype torch -
 fp64 reference| + atol, where "naive" evaluates the same formula with torch entirely in the input
-dtype. For bf16 add one bf16 ulp (eps * |reference|): the interpreter converts fp32 to bf16 by
-truncation (the GPU rounds to nearest even, and so does torch), so an interpreted bf16 output can
-sit a whole ulp from the exact value where the naive reference happens to round onto it.
+dtype. Interpreted bf16 gets one bf16 ulp more (eps * |reference|): the interpreter converts fp32
+to bf16 by truncation (the GPU rounds to nearest even, and so does torch), so an interpreted bf16
+output can sit a whole ulp from the exact value where the naive reference happens to round onto it.
 """
-import os
-
 import pytest
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py", allow_module_level=True)
-
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels._triton_support import INTERPRET
 from kernels.qk_norm import QKNormFunction
 from kernels.rms_norm import RMSNormFunction
 from kernels.swiglu import SwiGLUFunction, SwiGLUPackedFunction
@@ -28,15 +24,23 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HIDDEN_SIZES = [64, 96, 192, 1000, 1024, 4096, 5120]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 EPS = 1e-6
+# Interpreted kernels take CPU tensors; compiled ones need CUDA tensors.
+DEVICES = ["cpu"] if INTERPRET else ["cuda"] if torch.cuda.is_available() else []
+if not DEVICES:
+    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py, or on a GPU",
+                allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
+@pytest.fixture(autouse=True, params=DEVICES)
+def device(request):
+    """Every tensor a test creates lands on the device under test."""
     torch.manual_seed(0)
+    with torch.device(request.param):
+        yield request.param
 
 
-def test_cpu_tensors_take_the_triton_path_here():
-    assert kernels.runs_triton(torch.empty(1)), "this process must run the kernels in the interpreter"
+def test_tensors_take_the_triton_path_here():
+    assert kernels.runs_triton(torch.empty(1)), "this process must run the Triton kernels"
 
 
 def assert_within_rule(actual, exact, naive, dtype, what=""):
@@ -47,7 +51,7 @@ def assert_within_rule(actual, exact, naive, dtype, what=""):
     assert torch.equal(actual.isnan(), nan), f"{what}: NaN pattern differs"
     err = (actual - exact).abs()[~nan]
     bound = 2 * (naive - exact).abs() + ATOL[dtype]
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and actual.device.type == "cpu":  # interpreted: truncating bf16 stores
         bound = bound + torch.finfo(dtype).eps * exact.abs()
     bound = bound[~nan]
     worst = (err - bound).argmax() if err.numel() else None

@@ -94,7 +94,8 @@ def test_qk_norm_compiles_for_h100(heads, head_dim):
                 f"{prefix}_stride0": 0, f"{prefix}_stride1": 3 * width, f"{prefix}_stride2": head_dim}
 
     def fwd_args(p):
-        return {f"{p}_ptr": "*bf16", f"{p}_w_ptr": "*bf16", f"{p}_b_ptr": "*bf16", f"{p}_out_ptr": "*bf16", **strided(p)}
+        pointers = {f"{p}_ptr": "*bf16", f"{p}_w_ptr": "*bf16", f"{p}_b_ptr": "*bf16", f"{p}_out_ptr": "*bf16"}
+        return {**pointers, **strided(p)}
 
     meta = dict(n_cols=head_dim, eps=1e-6, IS_LAYER=True, BLOCK_N=block_n, ROWS=tile_rows)
     fwd = compile_for_h100(_qk_norm_fwd_kernel, dict(

@@ -1,22 +1,23 @@
 """A tiny TextRIN, forward and backward, through the Triton kernels vs through the references.
 
-Runs in the TRITON_INTERPRET=1 child of tests/test_kernels_interpreter.py: there CPU tensors take
-the Triton path, and patching kernels.runs_triton to False switches the same process back to the
-references, so both runs share one model, one input and one set of weights.
+Runs in the TRITON_INTERPRET=1 child of tests/test_kernels_interpreter.py (CPU tensors,
+interpreted kernels) and, on a CUDA machine, in the plain process too (compiled kernels). Patching
+kernels.runs_triton to False switches the same process back to the references, so both runs share
+one model, one input and one set of weights.
 """
-import os
 from collections import Counter
 
 import pytest
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py", allow_module_level=True)
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
+from kernels._triton_support import INTERPRET
 
+DEVICES = ["cpu"] if INTERPRET else ["cuda"] if torch.cuda.is_available() else []
+if not DEVICES:
+    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py, or on a GPU",
+                allow_module_level=True)
 textrin = pytest.importorskip("miro_scale.models.textrin")
 from miro_scale.config import ModelConfig  # noqa: E402
 
@@ -52,23 +53,24 @@ def forward_backward(net, inputs):
     return (v, latents), torch.autograd.grad(loss, params)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qk_norm", ["layer", "rms"])
-def test_tiny_textrin_triton_path_matches_reference_path(qk_norm, monkeypatch):
+def test_tiny_textrin_triton_path_matches_reference_path(qk_norm, device, monkeypatch):
     cfg = tiny_config(qk_norm)
     torch.manual_seed(0)
-    net = textrin.TextRIN(cfg)
+    net = textrin.TextRIN(cfg).to(device)
     g = torch.Generator().manual_seed(1)
     batch, text_len = 2, 5
     mask = torch.ones(batch, text_len, dtype=torch.bool)
     mask[0, 3:] = False
-    inputs = (
+    inputs = tuple(t.to(device) for t in (
         torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g),
         torch.rand(batch, generator=g),
         torch.randn(batch, text_len, cfg.text_dim, generator=g),
         mask,
         torch.rand(batch, len(cfg.reward_keys), generator=g),
         torch.randn(batch, cfg.num_latents, cfg.latents_dim, generator=g),
-    )
+    ))
 
     with CountKernelOps() as counter:
         triton_outs, triton_grads = forward_backward(net, inputs)
