@@ -112,3 +112,62 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
             v = 0.5 * (v + velocity(x_euler, gamma_next))
         x = x - v * step
     return x
+
+
+class MiroPipeline:
+    """Prompts + reward dials -> images: text encoder, EMA flow model, sampler, autoencoder.
+
+        pipe = MiroPipeline.from_model_file("exports/miro.safetensors")
+        images = pipe(["a red circle"], reward_targets={"aesthetic_score": 1.0}, seed=0)
+    """
+
+    def __init__(self, cfg, model, text_encoder, autoencoder, device):
+        self.cfg, self.model, self.device = cfg, model.eval(), torch.device(device)
+        self.text_encoder, self.autoencoder = text_encoder, autoencoder
+
+    @classmethod
+    def from_model_file(cls, path, device: str = "cpu", cfg=None) -> "MiroPipeline":
+        from miro_scale.convert import load_model_file, model_file_config
+        from miro_scale.flow import MiroFlowModel
+        from miro_scale.models.encoders import build_autoencoder, build_text_encoder
+
+        cfg = cfg or model_file_config(path)
+        model = MiroFlowModel(cfg.model, cfg.flow)
+        model.load_state_dict(load_model_file(path))
+        te, ae = cfg.text_encoder, cfg.autoencoder
+        text_encoder = build_text_encoder(te.kind, te.name_or_path, cfg.sampling.max_text_len,
+                                          **({"dim": cfg.model.text_dim} if te.kind == "small" else {"device": device}))
+        if isinstance(text_encoder, torch.nn.Module):
+            text_encoder.to(device).eval()
+        autoencoder = build_autoencoder(ae.kind, ae.name_or_path, **({"device": device} if ae.kind == "sdxl_vae" else {}))
+        return cls(cfg, model.to(device), text_encoder, autoencoder, device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], reward_targets: Optional[Mapping[str, float]] = None,
+                 negative_reward_targets: Optional[Mapping[str, float]] = None,
+                 guidance_scale: Optional[float] = None, num_steps: Optional[int] = None,
+                 solver: Optional[str] = None, seed: int = 0, snap_bins: bool = True) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1]. Rewards not named default to 1 (s+) and 0 (s-)."""
+        from miro_scale.flow import denormalize_latents
+
+        s, m = self.cfg.sampling, self.cfg.model
+        keys = m.reward_keys
+        bins = m.reward_bins if snap_bins else None
+        positive = {**s.reward_targets, **(reward_targets or {})}
+        negative = {**s.negative_reward_targets, **(negative_reward_targets or {})}
+        rewards = reward_vector(keys, positive, 1.0, bins) if keys else None
+        negative_rewards = reward_vector(keys, negative, 0.0, bins) if keys else None
+        w = s.guidance_scale if guidance_scale is None else guidance_scale
+        text, mask = self.text_encoder.encode(list(prompts))
+        negative_text = negative_mask = None
+        if w > 0 and s.empty_prompt_negative:
+            negative_text, negative_mask = self.text_encoder.encode([""])
+        generator = torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn(len(prompts), m.latent_channels, m.latent_size, m.latent_size,
+                            generator=generator, device=self.device)
+        latents = sample(self.model, noise, text.to(self.device), mask.to(self.device), rewards,
+                         num_steps=num_steps or s.num_steps, solver=solver or s.solver, guidance_scale=w,
+                         negative_rewards=negative_rewards if w > 0 else None,
+                         negative_text=negative_text, negative_text_mask=negative_mask,
+                         autocast_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
+        return self.autoencoder.decode(denormalize_latents(latents, self.cfg.flow)).float().clamp(-1, 1)

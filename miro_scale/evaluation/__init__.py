@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets (PartiPrompts, GenEval) and reward scoring of generated images."""
