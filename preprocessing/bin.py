@@ -43,10 +43,10 @@ def main(argv=None):
     if (a.out is None) == (a.use is None):
         raise SystemExit("give exactly one of --out (fit bins) or --use (apply existing bins.json)")
     rewards = None if not a.rewards else [canonical_key(k) for k in a.rewards.split(",") if k.strip()]
-    table = read_scores(a.scores)
     if a.use:
         bins, doc = binning.load_bins(a.use)
     else:
+        table = read_scores(a.scores)
         bins = binning.fit_bins(table, a.bins, a.strategy, a.calibration_size, a.seed, a.refine_last,
                                 a.refine_factor, a.unique_values, rewards, scoring_metadata(a.scores))
         doc = binning.save_bins(a.out, bins, strategy=a.strategy, requested_bins=a.bins,
@@ -54,32 +54,35 @@ def main(argv=None):
                                 refine_last=a.refine_last if a.strategy == "refined" else None,
                                 refine_factor=a.refine_factor if a.strategy == "refined" else None,
                                 scores_dir=str(a.scores), num_rows=table.num_rows)
+        del table
         for k, b in bins.items():
             flag = " CONSTANT" if b.constant else (" EMPTY" if b.empty else "")
             print(f"{k}: {b.num_bins} bins from {b.n_calibration} values, {b.n_missing} missing, "
                   f"range [{b.lo:.4g}, {b.hi:.4g}]{flag}")
         print(f"wrote {a.out}")
-    if a.apply:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        keep_cols = [c for c in table.column_names if c in ("key", "status", "error", "shard")
-                     or binning.base_key(c) in bins]
-        table = table.select(keep_cols)
+    if a.apply:  # one scored shard at a time: memory and time linear in the data
+        import pyarrow.parquet as pq
         out = Path(a.apply)
         out.mkdir(parents=True, exist_ok=True)
-        n_rows = 0
-        for shard in sorted(set(table.column("shard").to_pylist())):
-            part = table.filter(pc.equal(table.column("shard"), shard)).drop_columns(["shard"])
+        files = sorted(p for p in Path(a.scores).glob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise SystemExit(f"--scores {a.scores}: no scored shards (*.parquet)")
+        n_rows = n_in = 0
+        meta = {"bins_edges_sha256": doc["edges_sha256"], "missing": a.missing}
+        for f in files:
+            part = pq.read_table(f)
+            part = part.select([c for c in part.column_names if c in ("key", "status", "error")
+                                or binning.base_key(c) in bins])
             binned = binning.apply_bins(part, bins, a.missing)
+            n_in += part.num_rows
             n_rows += binned.num_rows
-            meta = {"bins_edges_sha256": doc["edges_sha256"], "missing": a.missing}
             if a.format == "parquet":
                 binned = binned.replace_schema_metadata({"miro_bins": json.dumps(meta)})
-                write_table_atomic(binned, out / f"{shard}.rewards.parquet")
+                write_table_atomic(binned, out / f"{f.stem}.rewards.parquet")
             else:
                 js = binning.sidecar_json(binned, {k: b.num_bins for k, b in bins.items()})
-                _atomic_write_bytes(out / f"{shard}.rewards.json", json.dumps(js).encode())
-        print(f"wrote sidecars for {n_rows} of {table.num_rows} rows to {out} (missing={a.missing})")
+                _atomic_write_bytes(out / f"{f.stem}.rewards.json", json.dumps(js).encode())
+        print(f"wrote sidecars for {n_rows} of {n_in} rows to {out} (missing={a.missing})")
     return 0
 
 
