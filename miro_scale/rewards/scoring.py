@@ -522,10 +522,11 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
     if todo:
         from tqdm import tqdm
         total = None
-        try:
-            from miro_scale.data.tario import load_index
-            total = sum(len(load_index(s).keys) * sum(1 for g in range(ngroups)
-                        if ngroups == 1 or not output_path(cfg.out_dir, s, g).exists()) for s in todo)
+        try:  # a total only when index files make it cheap (no scan of every tar before starting)
+            from miro_scale.data.tario import index_path_for, load_index
+            if all(os.path.exists(index_path_for(s)) for s in todo):
+                total = sum(len(load_index(s).keys) * sum(1 for g in range(ngroups)
+                            if ngroups == 1 or not output_path(cfg.out_dir, s, g).exists()) for s in todo)
         except Exception:
             total = None
         bar = tqdm(total=total, unit="img", desc=f"rank {rank}", position=rank, dynamic_ncols=True,
