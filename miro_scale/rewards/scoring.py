@@ -219,6 +219,7 @@ class ShardScorer:
         self.min_size = (max(v.size for v in self.views) if self.views else 0) if cfg.draft_decode else None
         self.cols = reward_columns(self.rewards, cfg.captions)
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
+        self.prefetch = ThreadPoolExecutor(1) if cfg.num_workers > 0 else None
         if device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
             dt = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
             self.autocast = lambda: torch.autocast("cuda", dtype=dt)
@@ -326,10 +327,24 @@ class ShardScorer:
             import tarfile
             if not tarfile.is_tarfile(shard):
                 raise RuntimeError(f"{shard}: not a tar file ({os.path.getsize(shard)} bytes, no readable sample)")
-        for chunk in _chunks(sample_iter, self.cfg.chunk_size):
+        chunks = _chunks(sample_iter, self.cfg.chunk_size)
+
+        def load_next():  # runs in the prefetch thread: reads and decodes the next chunk
+            chunk = next(chunks, None)
+            if chunk is None:
+                return None
+            return list(self.pool.map(prep, chunk)) if self.pool else [prep(kv) for kv in chunk]
+
+        # decode chunk i+1 while the models score chunk i
+        fut = self.prefetch.submit(load_next) if self.prefetch else None
+        while True:
             t0 = time.perf_counter()
-            items = list(self.pool.map(prep, chunk)) if self.pool else [prep(kv) for kv in chunk]
-            decode_s += time.perf_counter() - t0
+            items = fut.result() if fut is not None else load_next()
+            decode_s += time.perf_counter() - t0  # time the scorer waited for decoded images
+            if items is None:
+                break
+            if self.prefetch:
+                fut = self.prefetch.submit(load_next)
             base = len(rows["key"])
             for p in items:
                 rows["key"].append(p.key)
@@ -350,7 +365,7 @@ class ShardScorer:
         n = len(rows["key"])
         stats = {
             "shard": shard, "num_samples": n, "num_ok": sum(1 for s in rows["status"] if s == STATUS_OK),
-            "failures": failures, "seconds": time.perf_counter() - t_start, "decode_seconds": decode_s,
+            "failures": failures, "seconds": time.perf_counter() - t_start, "decode_wait_seconds": decode_s,
             "rewards": {k: {"seconds": v[0], "images": v[1]} for k, v in timing.items()},
         }
         return rows, stats
@@ -419,7 +434,7 @@ def _merge_parts(shard: str, out_dir: str, ngroups: int) -> bool:
         else:
             stats["rewards"].update(s["rewards"])
             stats["seconds"] += s["seconds"]
-            stats["decode_seconds"] += s["decode_seconds"]
+            stats["decode_wait_seconds"] += s["decode_wait_seconds"]
     fails: Dict[str, int] = {}
     for st in status:
         if st != STATUS_OK:
@@ -449,6 +464,7 @@ def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
     fails: Dict[str, int] = {}
     per_reward: Dict[str, list] = {}
     done, missing, failed = [], [], {}
+    wait = 0.0
     for s in shards:
         sp = stats_path(out_dir, s)
         if not output_path(out_dir, s).exists() or not sp.exists():
@@ -463,6 +479,7 @@ def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
         ok += st["num_ok"]
         for k, v in st["failures"].items():
             fails[k] = fails.get(k, 0) + v
+        wait += st.get("decode_wait_seconds", 0.0)
         for k, v in st["rewards"].items():
             a = per_reward.setdefault(k, [0.0, 0])
             a[0] += v["seconds"]
@@ -470,6 +487,7 @@ def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
     summary = {
         "num_shards": len(shards), "shards_done": len(done), "shards_missing": missing, "shards_failed": failed,
         "num_samples": n, "num_ok": ok, "num_failed": n - ok, "failures_by_kind": dict(sorted(fails.items())),
+        "decode_wait_seconds": round(wait, 3),  # scorer idle, waiting for decoded images (all shards)
         "rewards": {k: {"images": v[1], "seconds": round(v[0], 4),
                         "images_per_s": (v[1] / v[0]) if v[0] > 0 else None} for k, v in per_reward.items()},
         **run_info,
