@@ -9,12 +9,26 @@ This package deliberately defines no __version__: transformers probes a top-leve
 package (Hugging Face's hub kernels) by distribution metadata and version, and must not mistake
 this one for it (tests/test_kernels_dispatch.py checks that).
 """
+from contextlib import contextmanager
+
+from kernels import _triton_support
 from kernels._triton_support import runs_triton
 from kernels.qk_norm import qk_norm_op, qk_norm_reference
 from kernels.rms_norm import rms_norm_op, rms_norm_reference
 from kernels.swiglu import swiglu_op, swiglu_packed_op, swiglu_packed_reference, swiglu_reference
 
-__all__ = ["rms_norm", "qk_norm", "swiglu", "swiglu_packed"]
+__all__ = ["rms_norm", "qk_norm", "swiglu", "swiglu_packed", "reference_only"]
+
+
+@contextmanager
+def reference_only():
+    """Within the block every op runs its torch reference, on CUDA too (side-by-side benchmarks)."""
+    previous = _triton_support._reference_only
+    _triton_support._reference_only = True
+    try:
+        yield
+    finally:
+        _triton_support._reference_only = previous
 
 
 def rms_norm(x, weight, eps: float = 1e-6):

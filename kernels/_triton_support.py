@@ -41,9 +41,13 @@ ROW_TILE_ELEMENTS = 1024
 MAX_BLOCK_N = 65536
 
 
+# Set by kernels.reference_only(): benchmarks time the torch references on the same GPU.
+_reference_only = False
+
+
 def runs_triton(t: torch.Tensor) -> bool:
     """CUDA tensors run the kernels; CPU tensors only in the interpreter (how CI tests them)."""
-    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    return HAS_TRITON and not _reference_only and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
 
 
 def num_warps_for(tile_elements: int) -> int:

@@ -345,3 +345,12 @@ def test_swiglu_functions_apply_match_ops():
     assert torch.equal(SwiGLUFunction.apply(gate, up), kernels.swiglu(gate, up))
     x = torch.randn(3, 128)
     assert torch.equal(SwiGLUPackedFunction.apply(x), kernels.swiglu_packed(x))
+
+
+def test_reference_only_switches_the_dispatch_to_the_references():
+    x, w = torch.randn(8, 96), torch.randn(96)
+    assert kernels.runs_triton(x)
+    with kernels.reference_only():
+        assert not kernels.runs_triton(x)
+        assert torch.equal(kernels.rms_norm(x, w), kernels.rms_norm_reference(x, w))
+    assert kernels.runs_triton(x)
