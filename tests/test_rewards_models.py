@@ -217,3 +217,14 @@ def test_center_crop_view_equals_torchvision_resize_centercrop():
     for w, h in [(300, 201), (201, 300), (225, 224), (500, 333), (224, 224), (100, 50)]:
         im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         assert torch.equal(VIEWS["clip224"].one(im), tf(im)), (w, h)
+
+
+def test_torchscript_checkpoints_load(tmp_path):
+    """OpenAI's original CLIP files are TorchScript archives; garbage names the file."""
+    from miro_scale.rewards.loading import load_state_dict_file
+    m = torch.jit.trace(torch.nn.Linear(2, 3), torch.zeros(1, 2))
+    m.save(str(tmp_path / "m.pt"))
+    assert sorted(load_state_dict_file(tmp_path / "m.pt")) == ["bias", "weight"]
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_state_dict_file(tmp_path / "bad.pt")

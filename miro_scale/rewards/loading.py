@@ -66,7 +66,11 @@ def load_state_dict_file(path: str | os.PathLike, nested: Sequence[str] = ("stat
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint with weights_only=True ({e})") from e
+            try:  # OpenAI's original CLIP files are TorchScript archives
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception:
+                raise CheckpointError(f"{path}: cannot be read as a torch checkpoint with weights_only=True "
+                                      f"nor as TorchScript ({e})") from e
     for k in nested:  # unwrap {"state_dict": {...}} style containers
         if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
             sd = sd[k]
