@@ -105,3 +105,16 @@ def test_sample_grid_is_written_during_training(tmp_path):
 
     image = Image.open(tmp_path / "grid/samples/step_00000002.png")
     assert image.size == (3 * 9 + 1, 2 * 9 + 1)  # 3 prompts x (s+ = 1 guided, s+ = 0) of 8 px, 1 px padding
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    losses, grads = [], []
+    for ac in (False, True):
+        trainer = Trainer(config_from_dict(tiny_config_dict(engine={"activation_checkpointing": ac},
+                                                            train={"output_dir": str(tmp_path / str(ac))})))
+        losses.append(trainer.train_step()["loss"])
+        grads.append({n: p.detach().clone() for n, p in trainer.engine.local_parameters().items()})
+    assert abs(losses[0] - losses[1]) < 1e-6 * abs(losses[0])
+    assert grads[0].keys() == grads[1].keys()  # canonical names: the wrapper prefix is gone
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
