@@ -107,12 +107,12 @@ def test_detector_several_objects_positions_and_counts():
         [("square", "blue"), ("triangle", "green"), ("circle", "red"), ("circle", "red")])
     sq = next(d for d in dets if d.shape == "square")
     assert abs(sq.cx - 0.22) < 0.02 and abs(sq.cy - 0.5) < 0.02
-    assert alignment_score("a blue square left of a green triangle", dets) == 1.0
+    assert alignment_score("a blue square left of a green triangle", dets) > 0.99
     assert alignment_score("a blue square right of a green triangle", dets) < 0.7
-    assert alignment_score("a photo of two red circles", dets) == 1.0
-    assert alignment_score("a photo of three red circles", dets) < 1.0
+    assert alignment_score("a photo of two red circles", dets) > 0.99
+    assert alignment_score("a photo of three red circles", dets) < 0.9
     assert alignment_score("a photo of two blue circles", dets) < alignment_score("two red circles", dets)
-    assert alignment_score("a yellow star", dets) == 0.0
+    assert alignment_score("a yellow star", dets) < 0.05
 
 
 def test_detector_is_robust_to_noise_blur_and_low_contrast():
@@ -166,7 +166,20 @@ def test_pixel_rewards_through_the_registry():
         assert r.needs_text == (key == "caption_alignment")
     r = build_reward("caption_alignment")
     s = r.score(r.view.prepare(imgs), caps)
-    assert s[0] == 1.0 and s[1] < 0.5
+    assert s[0] > 0.99 and s[1] < 0.5
     # image features (detections) are shared between captions
     feats = r.encode_images(r.view.prepare(imgs[:1]))
-    assert r.score_features(feats * 2, ["a red circle", "a blue circle"]).tolist()[0] == 1.0
+    assert r.score_features(feats * 2, ["a red circle", "a blue circle"]).tolist()[0] > 0.99
+
+
+def test_shape_probabilities_are_a_distribution_and_grade_the_score():
+    img = draw([("hexagon", "blue", 0.5, 0.5, 0.2, 0)], size=64)
+    (d,) = detect_objects(img)
+    assert d.shape == "hexagon" and abs(sum(d.shape_probs.values()) - 1) < 1e-6
+    assert d.p("hexagon") == max(d.shape_probs.values())
+    # blur makes a small hexagon ambiguous with a circle: the score degrades gradually
+    scores = []
+    for radius in (1.0, 1.5, 2.0):
+        blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+        scores.append(alignment_score("a blue hexagon", detect_objects(blurred)))
+    assert scores[0] > 0.99 and 0.05 < scores[1] < 0.9 and scores[2] < scores[1]

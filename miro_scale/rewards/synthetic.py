@@ -9,7 +9,8 @@ contrast_score           RMS contrast: std of luminance in [0, 1]
 colourfulness_score      Hasler & Suesstrunk (2003) colourfulness M, 0-255 scale
 
 Detector (measured on the synthetic world at 64 px, seed 0, 300 samples: shape accuracy ~97%,
-colour ~100%; alignment AUC true vs mismatched captions 0.99 clean, ~0.8 on degraded images):
+colour ~100%; alignment AUC true vs mismatched captions 0.985 clean; on degraded images 0.97 low
+contrast, 0.82 noise, 0.68 blur, 0.64 heavy JPEG (quality 3-15), where the shapes are genuinely lost):
   1. background: a per-channel plane a + b*x + c*y fitted robustly to the border pixels (flat,
      gradient and lightly textured backgrounds); noisy images (residual sigma > 5) are median-filtered
   2. foreground: pixels farther than max(14, 4.5 sigma) from the background; connected components
@@ -19,8 +20,9 @@ colour ~100%; alignment AUC true vs mismatched captions 0.99 clean, ~0.8 on degr
      ray from the background colour passes closest
   4. shape: the object's soft coverage (projection of pixel - background onto object - background)
      inside its box is compared (soft IoU) to templates of every shape stretched to the same box
-     (rotations included, blurred copies used when the object's edges are blurred); circle/ellipse and
-     square/rectangle are told apart by the box's aspect ratio
+     (rotations included, blurred copies used when the object's edges are blurred); a softmax over
+     the shapes' best IoUs gives shape probabilities (circle/ellipse and square/rectangle split by
+     the box's aspect ratio), which make the alignment score graded
 """
 from __future__ import annotations
 
@@ -55,8 +57,6 @@ SHAPE_SYNONYMS = {"circles": "circle", "squares": "square", "triangles": "triang
                   "pentagons": "pentagon", "ellipses": "ellipse", "ovals": "ellipse", "oval": "ellipse",
                   "diamonds": "diamond", "disc": "circle", "discs": "circle", "disk": "circle",
                   "disks": "circle", "dot": "circle", "dots": "circle", "box": "square", "boxes": "square"}
-# Shapes a detector may confuse by design (same polygon, other pose or aspect).
-SHAPE_FAMILY = {"square": "quad", "rectangle": "quad", "diamond": "quad", "circle": "round", "ellipse": "round"}
 
 NUMBERS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
            "seven": 7, "eight": 8, "nine": 9, "ten": 10, "pair": 2}
@@ -142,6 +142,12 @@ class Detection:
     cy: float  # centroid, fraction of height
     area: float  # fraction of image area
     fit: float = 1.0  # soft IoU of the best shape template
+    shape_probs: Optional[Dict[str, float]] = None  # soft shape posterior (None: `shape` with certainty)
+
+    def p(self, shape: str) -> float:
+        if self.shape_probs is None:
+            return float(self.shape == shape)
+        return self.shape_probs.get(shape, 0.0)
 
 
 def _plane_fit(img: np.ndarray, mask: np.ndarray):
@@ -288,11 +294,16 @@ def _templates():
     return _TEMPLATES
 
 
+SHAPE_TEMPERATURE = 0.004  # soft-IoU differences of ~0.01 separate the shapes (tuned on the shapes world)
+
+
 def classify_shape(alpha: np.ndarray, box: Optional[Tuple[float, float, float, float]] = None,
-                   blur_sigma: float = 0.0) -> Tuple[str, float]:
+                   blur_sigma: float = 0.0) -> Tuple[str, float, Dict[str, float]]:
     """Name the shape in a soft mask (values in [0, 1]); `box` = (x0, y0, x1, y1), the object's
     extent in pixel-edge coordinates (default: the pixels at least half covered); `blur_sigma`: the
-    object's edge blur in pixels (see _edge_blur). Returns (name, best soft IoU)."""
+    object's edge blur in pixels (see _edge_blur). Returns (most likely name, best soft IoU,
+    {name: probability}): a softmax over the shapes' best template IoUs (temperature
+    SHAPE_TEMPERATURE), circle/ellipse and square/rectangle split by the box's elongation."""
     from PIL import Image as _Image
     alpha = np.asarray(alpha, np.float32)
     if box is None:
@@ -324,16 +335,29 @@ def classify_shape(alpha: np.ndarray, box: Optional[Tuple[float, float, float, f
     allowed[np.abs(levels - sig_t).argmin()] = True
     mask = np.tile(allowed, len(names) // len(_BLURS))
     iou = np.where(mask, iou, -1.0)
-    best = int(iou.argmax())
-    fam = names[best]
+    fam_best: Dict[str, float] = {}
+    for n_, v in zip(names, iou):
+        f_ = "quad" if n_ == "quad_tilted" else n_
+        if v > fam_best.get(f_, -1.0):
+            fam_best[f_] = float(v)
     elong = max(bw, bh) / max(1e-6, min(bw, bh))
-    if fam == "round":
-        name = "circle" if elong < 1.25 else "ellipse"
-    elif fam in ("quad", "quad_tilted"):
-        name = "square" if elong < 1.25 else "rectangle"
-    else:
-        name = fam
-    return name, float(iou[best])
+    fams = list(fam_best)
+    logits = np.array([fam_best[f_] for f_ in fams]) / SHAPE_TEMPERATURE
+    pf = np.exp(logits - logits.max())
+    pf /= pf.sum()
+    s_el = 1.0 / (1.0 + math.exp(-(elong - 1.25) / 0.04))  # elongated: ellipse / rectangle
+    probs: Dict[str, float] = {}
+    for f_, q in zip(fams, pf):
+        if f_ == "round":
+            probs["circle"] = probs.get("circle", 0.0) + q * (1 - s_el)
+            probs["ellipse"] = probs.get("ellipse", 0.0) + q * s_el
+        elif f_ == "quad":
+            probs["square"] = probs.get("square", 0.0) + q * (1 - s_el)
+            probs["rectangle"] = probs.get("rectangle", 0.0) + q * s_el
+        else:
+            probs[f_] = probs.get(f_, 0.0) + q
+    name = max(probs, key=probs.get)
+    return name, float(max(fam_best.values())), {k: float(v) for k, v in probs.items() if v > 1e-4}
 
 
 def _edge_blur(alpha: np.ndarray) -> float:
@@ -421,73 +445,55 @@ def detect_objects(img: np.ndarray, colours: Optional[Dict[str, Tuple[int, int, 
         hy, hx = np.nonzero(alpha_full >= 0.5)
         if len(hy) < 4:
             continue
-        shape, fit = classify_shape(alpha_full, (hx.min(), hy.min(), hx.max() + 1, hy.max() + 1),
-                                    _edge_blur(alpha_full))
+        shape, fit, probs = classify_shape(alpha_full, (hx.min(), hy.min(), hx.max() + 1, hy.max() + 1),
+                                           _edge_blur(alpha_full))
         colour = _classify_colour(c, bgc, names, pal)
         dets.append(Detection(colour, shape, float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h),
-                              float(sizes[ci] / total), fit))
+                              float(sizes[ci] / total), fit, probs))
     return dets
 
 
 # ----------------------------------------------------------------------------- alignment
-def _shape_match(det: str, want: str, strict: bool) -> bool:
-    if det == want:
-        return True
-    if strict:
-        return False
-    fam = SHAPE_FAMILY.get(want)
-    return fam is not None and SHAPE_FAMILY.get(det) == fam
-
-
 def alignment_score(caption: str, dets: List[Detection], colours: Sequence[str] = tuple(COLOURS),
                     margin: float = 0.02) -> float:
-    """Fraction of the caption's requirements the detections satisfy; NaN if no shape is named.
+    """How well the detections satisfy the caption, in [0, 1]; NaN if the caption names no shape.
 
-    Per object phrase: 0.25 if the shape is present (any colour), 0.25 if present in the named
-    colour, 0.5 * count agreement (min/max of detected and wanted counts; 'a'/unspecified singular
-    wants exactly 1, an unspecified plural wants >= 2). Per relation: 1 if some pair of matching
-    objects satisfies it by centroid (margin as a fraction of the image). The mean of the terms.
-    A square/rectangle/diamond or circle/ellipse confusion earns half credit on the shape terms.
+    With w(d) = P(d is the phrase's shape) * [d has the phrase's colour, if one is named] (shape
+    probabilities from the detector; colour is decided):
+    per object phrase, 0.25 * max_d P(shape) (present in any colour) + 0.25 * max_d w(d) (present in
+    the named colour) + 0.5 * count agreement of n = sum_d w(d) with the wanted count c
+    (min(n, c) / max(n, c); 'a' or an unspecified singular wants 1; an unspecified plural scores
+    min(n, 2) / 2); per relation, max over pairs of w_a * w_b * [the centroids satisfy it by `margin`].
+    The mean of the terms. Soft shape probabilities make the score graded rather than a few levels
+    (fewer ties for quantile binning) and give partial credit when two shapes are hard to tell apart.
     """
     parsed = parse_caption(caption, colours)
     if not parsed.phrases:
         return float("nan")
     terms: List[float] = []
-    matched: List[List[Detection]] = []
+    weights: List[List[float]] = []
     for p in parsed.phrases:
-        exact_shape = [d for d in dets if d.shape == p.shape]
-        near_shape = [d for d in dets if _shape_match(d.shape, p.shape, strict=False)]
-        col = (lambda ds: [d for d in ds if p.colour is None or d.colour == p.colour])
-        exact = col(exact_shape)
-        near = col(near_shape)
-        t = 0.25 if exact_shape else (0.125 if near_shape else 0.0)
-        t += 0.25 if exact else (0.125 if near else 0.0)
-        n = len(exact) if exact else len(near) * 0.5
+        ps = [d.p(p.shape) for d in dets]
+        w = [q if (p.colour is None or d.colour == p.colour) else 0.0 for q, d in zip(ps, dets)]
+        n = float(sum(w))
+        t = 0.25 * max(ps, default=0.0) + 0.25 * max(w, default=0.0)
         if p.count == -1:
-            cnt = 1.0 if len(exact) >= 2 else (0.5 if len(exact) == 1 else 0.0)
+            cnt = min(n, 2.0) / 2.0
         else:
-            want = p.count if p.count is not None else 1
-            have = len(exact)
-            cnt = min(have, want) / max(have, want) if max(have, want) > 0 else 1.0
-            if not exact and near:
-                cnt = 0.5 * min(len(near), want) / max(len(near), want)
-        t += 0.5 * cnt
-        terms.append(t)
-        matched.append(exact or near)
+            want = float(p.count if p.count is not None else 1)
+            cnt = min(n, want) / max(n, want) if max(n, want) > 0 else 1.0
+        terms.append(t + 0.5 * cnt)
+        weights.append(w)
     for a, rel, b in parsed.relations:
         ok = 0.0
-        for da in matched[a]:
-            for db in matched[b]:
-                if da is db:
+        for i, da in enumerate(dets):
+            for j, db in enumerate(dets):
+                if i == j or weights[a][i] * weights[b][j] <= ok:
                     continue
-                if rel == "left" and da.cx < db.cx - margin:
-                    ok = 1.0
-                elif rel == "right" and da.cx > db.cx + margin:
-                    ok = 1.0
-                elif rel == "above" and da.cy < db.cy - margin:
-                    ok = 1.0
-                elif rel == "below" and da.cy > db.cy + margin:
-                    ok = 1.0
+                sat = ((rel == "left" and da.cx < db.cx - margin) or (rel == "right" and da.cx > db.cx + margin)
+                       or (rel == "above" and da.cy < db.cy - margin) or (rel == "below" and da.cy > db.cy + margin))
+                if sat:
+                    ok = weights[a][i] * weights[b][j]
         terms.append(ok)
     return float(np.mean(terms))
 
