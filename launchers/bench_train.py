@@ -81,9 +81,6 @@ def time_variant(cfg, variant: str, batch: dict, steps: int, warmup: int, device
     result = {"variant": variant, "images_per_s": images_per_s, "step_ms": 1000 * elapsed / steps}
     if device.type == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    del model, optimizer, forward
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -130,6 +127,8 @@ def main() -> int:
     results = []
     for variant in a.variants:
         r = time_variant(cfg, variant, batch, a.steps, a.warmup, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous variant's model and optimizer state are gone
         r["tflops"] = flops * r["images_per_s"] / 1e12
         r["mfu"] = r["tflops"] / a.peak_tflops
         results.append(r)

@@ -9,7 +9,7 @@ stacked batch keeps them apart by construction).
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -212,7 +212,6 @@ def test_duplicate_shard_paths_are_used_once(ds, caplog):
 
 
 def test_caption_mix_with_per_caption_embeddings(tmp_path):
-    from miro_scale.data._testing import solid_jpeg
     from miro_scale.data.format import reward_entry
     from miro_scale.data.writer import ShardWriter
 

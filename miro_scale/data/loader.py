@@ -53,6 +53,14 @@ class RowBuilder:
     ``_set_caption_source`` and: mode, resolution, max_pixels, latent_sample, seed, reward_keys,
     text_embeddings, max_text_len."""
 
+    # Subclasses set max_warnings (None: no cap) and _warned = 0.
+    def _warn(self, msg: str) -> None:
+        self._warned += 1
+        if self.max_warnings is None or self._warned <= self.max_warnings:
+            log.warning(msg)
+        elif self._warned == self.max_warnings + 1:
+            log.warning("more data warnings follow; see the loader's stats")
+
     def _set_caption_source(self, caption_source) -> None:
         if isinstance(caption_source, str):
             caption_source = {caption_source: 1.0}
@@ -292,13 +300,6 @@ class PlannedLoader(RowBuilder):
             self.stats = Counter(state["stats"])
 
     # -- iteration ---------------------------------------------------------------------------
-    def _warn(self, msg: str) -> None:
-        self._warned += 1
-        if self.max_warnings is None or self._warned <= self.max_warnings:
-            log.warning(msg)
-        elif self._warned == self.max_warnings + 1:
-            log.warning("more data warnings follow; see the loader's stats")
-
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (from ``batch_in_epoch``); then the epoch advances."""
         order = self.rank_order(self.epoch)

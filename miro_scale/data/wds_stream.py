@@ -183,13 +183,6 @@ class WdsStreamLoader(RowBuilder):
                 raise SampleError("empty_member", f"{where}: skipped (member .{e} is empty)")
 
     # -- iteration and state -------------------------------------------------------------------
-    def _warn(self, msg: str) -> None:
-        self._warned += 1
-        if self.max_warnings is None or self._warned <= self.max_warnings:
-            log.warning(msg)
-        elif self._warned == self.max_warnings + 1:
-            log.warning("more data warnings follow; see the loader's stats")
-
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; then the epoch advances."""
         W = max(1, self.num_workers)
