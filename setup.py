@@ -3,14 +3,16 @@ from setuptools import find_packages, setup
 # Heavy or GPU-only pieces are extras so that a CPU box installs only what it runs.
 EXTRAS = {
     "text": ["transformers>=4.56", "diffusers>=0.30", "sentencepiece"],
-    "data": ["webdataset>=0.2.100", "nvidia-dali-cuda130>=1.40", "pyarrow>=14"],
+    "data": ["webdataset>=0.2.100", "nvidia-dali-cuda130>=1.40", "pyarrow>=14", "braceexpand"],
     "distributed": ["deepspeed>=0.16", "megatron-core>=0.12"],
-    "rewards": ["open_clip_torch>=2.24", "transformers>=4.56", "pyarrow>=14", "ftfy"],
+    "rewards": ["open_clip_torch>=2.24", "transformers>=4.56", "pyarrow>=14", "ftfy", "scipy", "braceexpand"],
+    # The end-to-end demo on the synthetic world: pixel rewards, parquet scores, reward-curve plots.
+    "demo": ["pyarrow>=14", "scipy", "braceexpand", "matplotlib>=3.7"],
     "bench": ["matplotlib>=3.7", "liger-kernel>=0.5"],
     "gpu": ["flash-attn>=2.6"],
 }
 EXTRAS["test"] = sorted(
-    {dep for name in ("text", "data", "distributed", "rewards", "bench") for dep in EXTRAS[name]}
+    {dep for name in ("text", "data", "distributed", "rewards", "bench", "demo") for dep in EXTRAS[name]}
     | {"pytest>=8", "pytest-timeout"}
 )
 
