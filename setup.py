@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "text": ["transformers>=4.56", "diffusers>=0.30", "sentencepiece"],
     "data": ["webdataset>=0.2.100", "nvidia-dali-cuda130>=1.40", "pyarrow>=14", "braceexpand"],
-    "distributed": ["deepspeed>=0.16", "megatron-core>=0.12"],
+    "distributed": ["deepspeed>=0.16"],
     "rewards": ["open_clip_torch>=2.24", "transformers>=4.56", "pyarrow>=14", "ftfy", "scipy", "braceexpand"],
     # The end-to-end demo on the synthetic world: pixel rewards, parquet scores, reward-curve plots.
     "demo": ["pyarrow>=14", "scipy", "braceexpand", "matplotlib>=3.7"],
