@@ -34,10 +34,16 @@ def captions(n, length, seed=0):
 def bench_one(key, args, device, dtype):
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    r = build_reward(key, args.variant, device=device)
+    try:  # allocate (and randomly initialise) the weights on the GPU directly: an 11B model builds in seconds
+        with torch.device(device):
+            r = build_reward(key, args.variant, device=device)
+    except Exception:
+        r = build_reward(key, args.variant, device=device)
     build_s = time.perf_counter() - t0
+    wdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.weights_dtype]
     for m in r.modules():
-        m.to(device)
+        m.to(device=device, dtype=wdt)
+    r.dtype = wdt
     bs = args.batch_size
     if r.view.mode == "pixels":
         import numpy as np
@@ -85,6 +91,32 @@ def bench_one(key, args, device, dtype):
     return out
 
 
+def bench_decode(n: int = 40):
+    """Images/s of one core decoding a 512x384 JPEG and computing each view from it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from miro_scale.data.decode import decode_image
+    from miro_scale.rewards.base import VIEWS
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 512, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    out = {}
+    t = time.perf_counter()
+    for _ in range(n):
+        decode_image(data, "bench")
+    out["decode_jpeg_512x384"] = round(n / (time.perf_counter() - t), 1)
+    im = decode_image(data, "bench")
+    for name, v in VIEWS.items():
+        t = time.perf_counter()
+        for _ in range(n):
+            v.one(im)
+        out[f"view_{name}"] = round(n / (time.perf_counter() - t), 1)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rewards", default="aesthetic,hpsv2,pickscore,sciscore,image_reward,vqa")
@@ -94,6 +126,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--caption-words", type=int, default=20)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--weights-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--decode", action="store_true",
+                   help="also time CPU decoding + preprocessing views per core (to size decode workers)")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -115,9 +150,11 @@ def main(argv=None):
         results.append(res)
         print(json.dumps(res), flush=True)
     rates = [r["image_per_s"] for r in results if "image_per_s" in r]
+    decode = bench_decode() if a.decode else None
     summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "precision": a.precision, "variant": a.variant, "rewards": results,
-               "all_rewards_images_per_s": round(1.0 / sum(1.0 / x for x in rates), 2) if rates else None}
+               "all_rewards_images_per_s": round(1.0 / sum(1.0 / x for x in rates), 2) if rates else None,
+               "decode_per_core": decode}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(summary, f, indent=1)
