@@ -80,7 +80,7 @@ def _image_reward(variant, **kw):
     return ir.ImageRewardReward(**kw)
 
 
-def _not_runnable(key, module):
+def _module_builder(key, module):
     def build(variant, **kw):
         import importlib
         mod = importlib.import_module(f".{module}", __package__)
@@ -101,8 +101,8 @@ BUILDERS: Dict[str, Callable] = {
     "pick_a_score_score": _hf_clip("PickScoreReward"),
     "sciscore_score": _hf_clip("SciScoreReward"),
     "image_reward_score": _image_reward,
-    "clip_score": _not_runnable("clip_score", "jina_clip"),
-    "vqa_score": _not_runnable("vqa_score", "vqascore"),
+    "clip_score": _module_builder("clip_score", "jina_clip"),
+    "vqa_score": _module_builder("vqa_score", "vqascore"),
     "caption_alignment_score": _pixel("CaptionAlignmentReward"),
     "sharpness_score": _pixel("SharpnessReward"),
     "contrast_score": _pixel("ContrastReward"),
