@@ -62,6 +62,13 @@ def accumulation_steps(cfg: MiroConfig, world: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
+def text_tokens(cfg: MiroConfig) -> int:
+    """Text tokens per training sample (for FLOP counts)."""
+    if cfg.data.source == "synthetic_tensors":
+        return cfg.data.text_len
+    return cfg.data.max_text_len if cfg.data.precomputed_text else cfg.text_encoder.max_length
+
+
 REWARD_MODULES = ("net.coherence_embedder.", "net.coherence_positional_embedding")
 
 
@@ -89,7 +96,7 @@ class Trainer:
         if cfg.train.init_from:
             load_weights(model, cfg.train.init_from)
         model = model.to(self.device)
-        self.flops_per_sample = training_flops_per_sample(cfg, cfg.data.text_len)
+        self.flops_per_sample = training_flops_per_sample(cfg, text_tokens(cfg))
         self.engine = build_engine(model, cfg, self.accumulation)
         self.ema = EMA(self.engine.local_parameters(), cfg.optim.ema_decay, cfg.optim.ema_start_step)
         self.data = build_batch_stream(cfg, self.rank, self.world, self.device)
