@@ -135,8 +135,10 @@ class MiroPipeline:
         model = MiroFlowModel(cfg.model, cfg.flow)
         model.load_state_dict(load_model_file(path))
         te, ae = cfg.text_encoder, cfg.autoencoder
-        text_encoder = build_text_encoder(te.kind, te.name_or_path, cfg.sampling.max_text_len,
-                                          **({"dim": cfg.model.text_dim} if te.kind == "small" else {"device": device}))
+        if te.kind == "small":  # its length is part of the architecture: the training length
+            text_encoder = build_text_encoder(te.kind, te.name_or_path, te.max_length, dim=cfg.model.text_dim)
+        else:  # prompts are tokenised to the sampling length (77), as released
+            text_encoder = build_text_encoder(te.kind, te.name_or_path, cfg.sampling.max_text_len, device=device)
         if isinstance(text_encoder, torch.nn.Module):
             text_encoder.to(device).eval()
         autoencoder = build_autoencoder(ae.kind, ae.name_or_path, **({"device": device} if ae.kind == "sdxl_vae" else {}))

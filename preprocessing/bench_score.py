@@ -85,9 +85,6 @@ def bench_one(key, args, device, dtype):
         out[f"{name}_per_s"] = round(bs * args.steps / dt, 2)
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del r
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -147,6 +144,8 @@ def main(argv=None):
             res = bench_one(k, a, device, dtype)
         except Exception as e:  # e.g. clip_score without its remote code: reported, not fatal
             res = {"key": k, "error": f"{type(e).__name__}: {e}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous reward model is gone
         results.append(res)
         print(json.dumps(res), flush=True)
     rates = [r["image_per_s"] for r in results if "image_per_s" in r]

@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from miro_scale.atomic import write_bytes_atomic  # noqa: E402
 from miro_scale.rewards import binning  # noqa: E402
 from miro_scale.rewards.registry import canonical_key  # noqa: E402
-from miro_scale.rewards.scores_io import _atomic_write_bytes, read_scores, scoring_metadata, write_table_atomic  # noqa: E402
+from miro_scale.rewards.scores_io import read_scores, scoring_metadata, write_table_atomic  # noqa: E402
 
 
 def main(argv=None):
@@ -81,7 +82,7 @@ def main(argv=None):
                 write_table_atomic(binned, out / f"{f.stem}.rewards.parquet")
             else:
                 js = binning.sidecar_json(binned, {k: b.num_bins for k, b in bins.items()})
-                _atomic_write_bytes(out / f"{f.stem}.rewards.json", json.dumps(js).encode())
+                write_bytes_atomic(out / f"{f.stem}.rewards.json", json.dumps(js).encode())
         print(f"wrote sidecars for {n_rows} of {n_in} rows to {out} (missing={a.missing})")
     return 0
 

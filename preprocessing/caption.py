@@ -157,8 +157,10 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
-    from miro_scale.rewards.scores_io import _atomic_write_bytes, write_table_atomic
-    from miro_scale.rewards.scoring import assign_shards, expand_shards, shard_stem
+    from miro_scale.atomic import write_bytes_atomic
+    from miro_scale.rewards.scores_io import write_table_atomic
+    from miro_scale.data.plan import resolve_shards
+    from miro_scale.rewards.scoring import assign_shards, shard_stem
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in PROMPTS]
     if unknown:
@@ -166,7 +168,7 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    shards = expand_shards(a.shards)
+    shards = resolve_shards(a.shards)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ".captions.parquet" if a.format == "parquet" else ".captions.json"
@@ -191,7 +193,7 @@ def main(argv=None):
         else:
             doc = {key: {"captions": {k: rows[f"caption_{k}"][i] for k in kinds}, "status": rows["status"][i]}
                    for i, key in enumerate(rows["key"])}
-            _atomic_write_bytes(target, json.dumps(doc).encode())
+            write_bytes_atomic(target, json.dumps(doc).encode())
     bar.close()
     dt = time.perf_counter() - t0
     print(json.dumps({"rank": rank, "shards": len(todo), "images": n, "images_per_s": round(n / dt, 3)}))

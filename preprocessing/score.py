@@ -14,7 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from miro_scale.rewards.registry import canonical_key  # noqa: E402
-from miro_scale.rewards.scoring import ScoreConfig, expand_shards, parse_groups, run_scoring  # noqa: E402
+from miro_scale.data.plan import resolve_shards  # noqa: E402
+from miro_scale.rewards.scoring import ScoreConfig, parse_groups, run_scoring  # noqa: E402
 
 
 def _kv(s: str, what: str) -> dict:
@@ -51,7 +52,7 @@ def main(argv=None):
     p.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     rewards = [canonical_key(k) for k in a.rewards.split(",") if k.strip()]
-    shards = expand_shards(a.shards)
+    shards = resolve_shards(a.shards)
     if not shards:
         raise SystemExit(f"--shards {a.shards}: no shard matched")
     missing = [s for s in shards if not os.path.exists(s)]

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "rewards"))
 
 from miro_scale.rewards import registry  # noqa: E402
-from miro_scale.rewards.scoring import (ScoreConfig, assign_shards, expand_shards, parse_groups,  # noqa: E402
+from miro_scale.data.plan import resolve_shards  # noqa: E402
+from miro_scale.rewards.scoring import (ScoreConfig, assign_shards, parse_groups,  # noqa: E402
                                         read_scores, run_scoring)
 
 REWARDS = ["caption_alignment_score", "sharpness_score", "hpsv2_score", "aesthetic_score"]
@@ -35,9 +36,13 @@ def _cfg(shards, out, **kw):
 def test_expand_and_assign_shards(tmp_path):
     for i in range(5):
         (tmp_path / f"{i:05d}.tar").write_bytes(b"")
-    got = expand_shards(str(tmp_path / "{00000..00004}.tar"))
+    got = resolve_shards(str(tmp_path / "{00000..00004}.tar"))
     assert [Path(g).name for g in got] == [f"{i:05d}.tar" for i in range(5)]
-    assert expand_shards([str(tmp_path / "0000[0-1].tar"), str(tmp_path / "00000.tar")]) == got[:2]
+    assert resolve_shards([str(tmp_path / "0000[0-1].tar"), str(tmp_path / "00000.tar")]) == got[:2]
+    assert resolve_shards(str(tmp_path)) == got  # a directory of shards, as the loaders take it
+    assert resolve_shards(f"{got[3]},{got[1]}") == [got[3], got[1]]
+    with pytest.raises(FileNotFoundError, match="00008.tar does not exist"):
+        resolve_shards(str(tmp_path / "{00008..00009}.tar"))
     parts = [assign_shards(got, r, 2) for r in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(got) and not set(parts[0]) & set(parts[1])
     with pytest.raises(ValueError, match="collide"):

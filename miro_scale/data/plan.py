@@ -57,17 +57,29 @@ class DatasetIndex:
 
 
 def resolve_shards(spec) -> list:
-    """Shard paths from a directory (its manifest's shards, else ``*.tar``), a glob, a single
-    ``.tar``, a file listing paths one per line (``.txt``), or a list of any of these."""
+    """Shard paths from a directory (its manifest's shards, else ``*.tar``), a brace pattern
+    (``data/{00000..01999}.tar``), a glob, a single ``.tar``, a file listing paths one per line
+    (``.txt``), comma-separated specs, or a list of any of these; each path once, in order."""
+    paths = _resolve(spec)
+    unique = list(dict.fromkeys(paths))
+    if len(unique) != len(paths):
+        log.warning("%d shard paths are listed more than once; each shard is used once", len(paths) - len(unique))
+    return unique
+
+
+def _resolve(spec) -> list:
     import glob
     import json
 
     if isinstance(spec, (list, tuple)):
-        out = []
-        for s in spec:
-            out.extend(resolve_shards(s))
-        return out
+        return [p for s in spec for p in _resolve(s)]
     spec = os.fspath(spec)
+    if "," in spec and not os.path.exists(spec):
+        return _resolve([s.strip() for s in spec.split(",") if s.strip()])
+    if "{" in spec and not os.path.exists(spec):
+        from braceexpand import braceexpand
+
+        return _resolve(list(braceexpand(spec)))
     if os.path.isdir(spec):
         man = os.path.join(spec, "manifest.json")
         if os.path.exists(man):

@@ -40,7 +40,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# GenEval's ten colours; sRGB values shared with miro_scale.rewards.synthetic's detector palette.
+# GenEval's ten colours (sRGB); miro_scale.rewards.synthetic's detector uses this palette too.
 PALETTE = {
     "red": (220, 30, 30),
     "orange": (245, 140, 20),

@@ -15,6 +15,8 @@ import tarfile
 import numpy as np
 from typing import Iterator
 
+from miro_scale.atomic import write_text_atomic
+
 from .format import INDEX_VERSION, split_member_name
 
 log = logging.getLogger("miro_scale.data")
@@ -113,10 +115,7 @@ def format_index(keys: list, members: list) -> str:
 
 def write_index_file(path: str, keys: list, members: list) -> None:
     """Write a DALI index atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(format_index(keys, members))
-    os.replace(tmp, path)
+    write_text_atomic(path, format_index(keys, members))
 
 
 def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:

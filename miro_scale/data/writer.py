@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from miro_scale.atomic import write_text_atomic
+
 from .format import FORMAT_VERSION, IMAGE_EXTS
 from .tario import write_index_file
 
@@ -75,10 +77,7 @@ def write_manifest(directory: str, entries: list, extra: Mapping | None = None) 
     if extra:
         manifest.update(extra)
     path = os.path.join(directory, MANIFEST_NAME)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=1))
     return path
 
 

@@ -15,8 +15,7 @@ tensor views, or a list of uint8 HxWx3 numpy arrays for the "pixels" view.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 import numpy as np

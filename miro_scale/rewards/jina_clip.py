@@ -37,7 +37,7 @@ Hyper-parameters (published config; the text-tower ones are the jina-embeddings-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 

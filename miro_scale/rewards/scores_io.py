@@ -2,19 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from miro_scale.atomic import write_bytes_atomic
 
 
 def write_table_atomic(table, path: Path) -> None:
@@ -22,7 +13,7 @@ def write_table_atomic(table, path: Path) -> None:
     import pyarrow.parquet as pq
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
 def read_scores(out_dir: str, columns: Optional[Sequence[str]] = None):

@@ -19,7 +19,6 @@ model ids and checkpoint digests; `{stem}.stats.json` beside it has counts and t
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -32,8 +31,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from miro_scale.atomic import write_bytes_atomic
+
 from .base import Reward, View
-from .scores_io import _atomic_write_bytes, read_scores, scoring_metadata, write_table_atomic  # noqa: F401
+from .scores_io import read_scores, scoring_metadata, write_table_atomic  # noqa: F401
 from .registry import build_reward, canonical_key
 
 STATUS_OK = "ok"
@@ -64,30 +65,6 @@ class ScoreConfig:
 
 
 # ----------------------------------------------------------------------------- shards
-def expand_shards(specs: Sequence[str] | str) -> List[str]:
-    """Brace-expand ('data/{00000..00009}.tar'), glob and de-duplicate, keeping order."""
-    import glob as _glob
-    from braceexpand import braceexpand
-    if isinstance(specs, str):
-        specs = [specs]
-    out: List[str] = []
-    for spec in specs:
-        for s in str(spec).split(","):
-            s = s.strip()
-            if not s:
-                continue
-            for e in braceexpand(s):
-                hits = sorted(_glob.glob(e)) if any(c in e for c in "*?[") else [e]
-                out.extend(hits)
-    seen = set()
-    uniq = []
-    for s in out:
-        if s not in seen:
-            seen.add(s)
-            uniq.append(s)
-    return uniq
-
-
 def shard_stem(path: str) -> str:
     name = os.path.basename(path)
     return name[:-4] if name.endswith(".tar") else name
@@ -250,7 +227,7 @@ class ShardScorer:
             t0 = time.perf_counter()
             try:
                 self._score_batch(r, items, idx, srcs, first, rows, base)
-            except Exception as e:  # isolate the failing sample(s) one by one
+            except Exception:  # isolate the failing sample(s) one by one
                 for i in idx:
                     try:
                         self._score_batch(r, items, [i], srcs, first, rows, base)
@@ -443,7 +420,7 @@ def _merge_parts(shard: str, out_dir: str, ngroups: int) -> bool:
     stats["failures"] = fails
     stats["num_ok"] = sum(1 for s in status if s == STATUS_OK)
     final = output_path(out_dir, shard)
-    _atomic_write_bytes(Path(str(final)[: -len(".parquet")] + ".stats.json"), json.dumps(stats).encode())
+    write_bytes_atomic(Path(str(final)[: -len(".parquet")] + ".stats.json"), json.dumps(stats).encode())
     write_table_atomic(table, final)
     for p in parts:
         p.unlink(missing_ok=True)
@@ -492,7 +469,7 @@ def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
                         "images_per_s": (v[1] / v[0]) if v[0] > 0 else None} for k, v in per_reward.items()},
         **run_info,
     }
-    _atomic_write_bytes(Path(out_dir) / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
+    write_bytes_atomic(Path(out_dir) / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -570,7 +547,7 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
                 except Exception as e:  # an unreadable shard: recorded, left for a rerun, not fatal
                     msg = f"{shard}: {type(e).__name__}: {e}"
                     print(f"[rank {rank}] shard failed, skipped: {msg}", file=sys.stderr, flush=True)
-                    _atomic_write_bytes(error_path(cfg.out_dir, shard), json.dumps({"shard": shard, "error": msg}).encode())
+                    write_bytes_atomic(error_path(cfg.out_dir, shard), json.dumps({"shard": shard, "error": msg}).encode())
                     continue
                 error_path(cfg.out_dir, shard).unlink(missing_ok=True)
                 images_this_run += stats["num_samples"]
@@ -578,7 +555,7 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
                                                            "captions": cfg.captions})
                 target = output_path(cfg.out_dir, shard, None if ngroups == 1 else g)
                 sp = Path(str(target) + ".stats.json") if ngroups > 1 else stats_path(cfg.out_dir, shard)
-                _atomic_write_bytes(sp, json.dumps(stats).encode())
+                write_bytes_atomic(sp, json.dumps(stats).encode())
                 write_table_atomic(table, target)  # the parquet is the commit marker: written last
             del scorer, rewards
             if device.type == "cuda":

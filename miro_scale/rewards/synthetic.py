@@ -34,21 +34,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from miro_scale.data.synthetic_world import PALETTE
+
 from .base import VIEWS, Reward
 
-# Named colours (sRGB). The synthetic world's palette, when it exposes one, can be passed instead.
-COLOURS: Dict[str, Tuple[int, int, int]] = {  # GenEval's ten colours (the synthetic world's palette)
-    "red": (220, 30, 30),
-    "orange": (245, 140, 20),
-    "yellow": (245, 220, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "purple": (130, 50, 180),
-    "pink": (245, 130, 190),
-    "brown": (130, 80, 35),
-    "black": (15, 15, 15),
-    "white": (245, 245, 245),
-}
+# GenEval's ten colours (sRGB): the palette the synthetic world draws with, from its one definition.
+COLOURS: Dict[str, Tuple[int, int, int]] = dict(PALETTE)
 COLOUR_SYNONYMS = {"violet": "purple", "magenta": "pink"}
 
 SHAPES = ("circle", "square", "triangle", "rectangle", "star", "hexagon", "pentagon", "ellipse", "diamond")

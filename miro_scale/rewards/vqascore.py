@@ -19,7 +19,7 @@ published configs, so a downloaded checkpoint can be checked without loading it 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +220,6 @@ def load_clip_t5(source: str, vision_weights: Optional[str] = None, vision_confi
         if bad:
             raise CheckpointError(f"{vision_weights}: {sorted(map(str, bad))[:12]}")
         model.vision_tower.vision_tower.load_state_dict(vt.state_dict())
-    from .loading import dir_digest
     return model, dir_digest(d)
 
 

@@ -19,17 +19,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from miro_scale.atomic import write_text_atomic
+
 LATEST_FILE = "latest"
 TRAINER_FILE = "trainer.json"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def staging_dir(root: Path, step: int) -> Path:

@@ -28,7 +28,7 @@ class RewardEvaluator:
         scores = {}
         for reward in self.rewards:
             values = reward.score(reward.view.prepare(pil), captions)
-            scores[reward.key] = float(torch.as_tensor(values, dtype=torch.float32).mean())
+            scores[reward.key] = float(torch.as_tensor(values, dtype=torch.float32).nanmean())  # NaN: not applicable
         return scores
 
 
