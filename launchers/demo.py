@@ -5,7 +5,7 @@
 Each stage is the project's own command, printed before it runs; a stage whose output exists is
 skipped, so a rerun resumes. Everything goes under --workdir (default demo/).
 
-    python launchers/demo.py [--workdir demo] [--samples 2048] [--steps 400]
+    python launchers/demo.py [--workdir demo] [--samples 2048] [--steps 300]
 """
 import argparse
 import shlex
@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--workdir", default="demo")
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     a = p.parse_args()
     work = (ROOT / a.workdir).resolve()
     py = sys.executable
