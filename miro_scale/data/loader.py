@@ -53,6 +53,19 @@ class RowBuilder:
     ``_set_caption_source`` and: mode, resolution, max_pixels, latent_sample, seed, reward_keys,
     text_embeddings, max_text_len."""
 
+    @staticmethod
+    def _guarded(load, where: str, stats: Counter, messages: list):
+        """load() -> a row, or None with the reason counted and a message naming shard and key."""
+        try:
+            return load()
+        except SampleError as e:
+            stats[e.reason] += 1
+            messages.append(f"{e} (skipped)")
+        except Exception as e:  # noqa: BLE001 - bad input must not kill a training run
+            stats["unexpected_error"] += 1
+            messages.append(f"{where}: unexpected {type(e).__name__}: {e} (skipped)")
+        return None
+
     # Subclasses set max_warnings (None: no cap) and _warned = 0.
     def _warn(self, msg: str) -> None:
         self._warned += 1
@@ -422,17 +435,12 @@ class WebDatasetLoader(PlannedLoader):
         keys, wheres = [], []
         for i in ids:
             i = int(i)
-            try:
-                rows.append(self._load_sample(i, reader, epoch))
-            except SampleError as e:
-                stats[e.reason] += 1
-                messages.append(f"{e} (skipped)")
+            where = self.index.where(i)
+            row = self._guarded(lambda: self._load_sample(i, reader, epoch), where, stats, messages)
+            if row is None:
                 continue
-            except Exception as e:  # noqa: BLE001 - bad input must not kill a training run
-                stats["unexpected_error"] += 1
-                messages.append(f"{self.index.where(i)}: unexpected {type(e).__name__}: {e} (skipped)")
-                continue
+            rows.append(row)
             keys.append(self.index.key(i))
-            wheres.append(self.index.where(i))
+            wheres.append(where)
         out = self._collate(rows, keys, wheres, stats, messages)
         return out, stats, messages

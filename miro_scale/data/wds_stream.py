@@ -147,18 +147,15 @@ class WdsStreamLoader(RowBuilder):
                 key = sample.get("__key__", "?")
                 where = f"{sample.get('__url__', '?')}:{key}"
                 mem = {k: v for k, v in sample.items() if not k.startswith("__")}
-                try:
+
+                def load():
                     self._check_members(mem, where)
-                    i = zlib.crc32(where.encode("utf-8"))
-                    rows.append(self._row(mem.get, mem, where, i, epoch))
-                except SampleError as e:
-                    stats[e.reason] += 1
-                    messages.append(f"{e} (skipped)")
+                    return self._row(mem.get, mem, where, zlib.crc32(where.encode("utf-8")), epoch)
+
+                row = self._guarded(load, where, stats, messages)
+                if row is None:
                     continue
-                except Exception as e:  # noqa: BLE001 - bad input must not kill a training run
-                    stats["unexpected_error"] += 1
-                    messages.append(f"{where}: unexpected {type(e).__name__}: {e} (skipped)")
-                    continue
+                rows.append(row)
                 keys.append(key)
                 wheres.append(where)
             yield w, b, self._collate(rows, keys, wheres, stats, messages), stats, messages
