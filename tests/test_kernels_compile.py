@@ -9,24 +9,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
 import kernels
-from kernels._triton_support import INTERPRET
+from tests.kernel_devices import device, skip_unless_kernels_run  # noqa: F401 (autouse fixture)
 from kernels.qk_norm import qk_norm_backward_op, qk_norm_op
 from kernels.rms_norm import rms_norm_backward_op, rms_norm_op
 from kernels.swiglu import swiglu_backward_op, swiglu_op, swiglu_packed_backward_op, swiglu_packed_op
 
 EPS = 1e-6
-DEVICES = ["cpu"] if INTERPRET else ["cuda"] if torch.cuda.is_available() else []
-if not DEVICES:
-    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py, or on a GPU",
-                allow_module_level=True)
-
-
-@pytest.fixture(autouse=True, params=DEVICES)
-def device(request):
-    """Every tensor a test creates lands on the device under test."""
-    torch.manual_seed(0)
-    with torch.device(request.param):
-        yield request.param
+skip_unless_kernels_run()
 
 
 def _requiring_grad(*tensors):

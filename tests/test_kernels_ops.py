@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels._triton_support import INTERPRET
+from tests.kernel_devices import device, skip_unless_kernels_run  # noqa: F401 (autouse fixture)
 from kernels.qk_norm import QKNormFunction
 from kernels.rms_norm import RMSNormFunction
 from kernels.swiglu import SwiGLUFunction, SwiGLUPackedFunction
@@ -25,18 +25,7 @@ HIDDEN_SIZES = [64, 96, 192, 1000, 1024, 4096, 5120]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 EPS = 1e-6
 # Interpreted kernels take CPU tensors; compiled ones need CUDA tensors.
-DEVICES = ["cpu"] if INTERPRET else ["cuda"] if torch.cuda.is_available() else []
-if not DEVICES:
-    pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_interpreter.py, or on a GPU",
-                allow_module_level=True)
-
-
-@pytest.fixture(autouse=True, params=DEVICES)
-def device(request):
-    """Every tensor a test creates lands on the device under test."""
-    torch.manual_seed(0)
-    with torch.device(request.param):
-        yield request.param
+skip_unless_kernels_run()
 
 
 def test_tensors_take_the_triton_path_here():
