@@ -1,4 +1,5 @@
 """Sample stage: an exported model file drives MiroPipeline with reward dials."""
+import json
 import subprocess
 import sys
 
@@ -40,3 +41,20 @@ def test_exported_model_samples_with_reward_dials(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "grid.png").exists() and len(list(out.glob("0000_*.png"))) == 3
+
+    # Evaluate stage: generate for a prompt file and score with reward models (pixel rewards here).
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('{"prompt": "a photo of a red circle", "tag": "single_object"}\n'
+                            '{"prompt": "two blue squares", "tag": "counting"}\n'
+                            '{"prompt": "a green triangle", "tag": "single_object"}\n')
+    report_dir = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "launchers/evaluate.py", "--model", str(model_file), "--prompts",
+                           str(prompts_file), "--rewards", "sharpness,contrast,colourfulness", "--steps", "2",
+                           "--batch-size", "2", "--out", str(report_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert len(report["rows"]) == 3 and len(list((report_dir / "images").glob("*.png"))) == 3
+    overall = report["summary"]["overall"]
+    assert set(overall) == {"sharpness_score", "contrast_score", "colourfulness_score"}
+    assert overall["contrast_score"]["count"] == 3 and overall["contrast_score"]["mean"] > 0
+    assert report["summary"]["by_category"]["single_object"]["contrast_score"]["count"] == 2

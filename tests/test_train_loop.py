@@ -98,13 +98,17 @@ def test_post_training_starts_from_an_exported_baseline(tmp_path):
 
 def test_sample_grid_is_written_during_training(tmp_path):
     trainer = Trainer(config_from_dict(tiny_config_dict(
-        train={"output_dir": str(tmp_path / "grid"), "steps": 2, "sample_every": 2, "sample_count": 3},
+        train={"output_dir": str(tmp_path / "grid"), "steps": 2, "sample_every": 2, "sample_count": 3,
+               "eval_rewards": ["contrast_score", "colourfulness_score"]},
         sampling={"num_steps": 2}, autoencoder={"kind": "identity"})))
     trainer.fit()
     from PIL import Image
 
     image = Image.open(tmp_path / "grid/samples/step_00000002.png")
     assert image.size == (3 * 9 + 1, 2 * 9 + 1)  # 3 prompts x (s+ = 1 guided, s+ = 0) of 8 px, 1 px padding
+    record = json.loads((tmp_path / "grid/reward_eval.jsonl").read_text())  # the grid's rows, scored
+    assert record["step"] == 2 and set(record["high"]) == set(record["low"]) == {"contrast_score", "colourfulness_score"}
+    assert (tmp_path / "grid/reward_curves.png").exists()
 
 
 def test_activation_checkpointing_gives_the_same_step(tmp_path):

@@ -27,7 +27,7 @@ from miro_scale.models.flops import training_flops_per_sample
 from miro_scale.train import previews
 from miro_scale.train.engines import build_engine, canonical_name
 from miro_scale.train.optim import EMA
-from miro_scale.train.reward_eval import RewardEvaluator, plot_reward_curves
+from miro_scale.evaluation.rewards import RewardEvaluator, plot_reward_curves
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 MAX_CONSECUTIVE_NONFINITE = 20
