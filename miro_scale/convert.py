@@ -1,12 +1,9 @@
-"""Checkpoint conversion: training checkpoints -> one deployable model file, and released weights in.
+"""Checkpoint conversion: training checkpoints -> one deployable model file.
 
 A model file is safetensors holding the MiroFlowModel state dict (fp32 unless asked otherwise),
 with the training config in its metadata, so a sampler needs nothing else. Sources:
-- our training checkpoints, EMA weights (default) consolidated from every rank's shard, or the raw
-  weights through each engine's own consolidation tool (DCP's dcp_to_torch_save, DeepSpeed's
-  zero_to_fp32);
-- the authors' released TextRIN state dict (module names are kept one to one; their bool mask
-  parameters carry no information and are dropped).
+EMA weights (default) consolidated from every rank's shard, or the raw weights through each
+engine's own consolidation tool (DCP's dcp_to_torch_save, DeepSpeed's zero_to_fp32).
 """
 from __future__ import annotations
 
@@ -20,8 +17,6 @@ import torch
 from miro_scale.config import MiroConfig, config_from_dict
 from miro_scale.train.checkpoint import load_rank_state, read_trainer_state
 from miro_scale.train.engines import ENGINE_DIR
-
-RELEASED_MASK_PARAMETERS = ("cond_mask", "registers_coherence_mask", "attention_mask_dummy")
 
 
 def checkpoint_config(path: Path) -> MiroConfig:
@@ -107,8 +102,3 @@ def model_file_config(path: str | Path) -> MiroConfig:
     if "miro_config" not in metadata:
         raise KeyError(f"{path} has no 'miro_config' metadata; pass a config explicitly")
     return config_from_dict(json.loads(metadata["miro_config"]))
-
-
-def import_released_network(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Released CADRINTextCond keys -> our TextRIN keys (identical names; masks dropped)."""
-    return {k: v for k, v in state.items() if not k.split(".")[-1] in RELEASED_MASK_PARAMETERS}

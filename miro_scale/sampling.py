@@ -129,20 +129,14 @@ class MiroPipeline:
     def from_model_file(cls, path, device: str = "cpu", cfg=None) -> "MiroPipeline":
         from miro_scale.convert import load_model_file, model_file_config
         from miro_scale.flow import MiroFlowModel
-        from miro_scale.models.encoders import build_autoencoder, build_text_encoder
+        from miro_scale.models.encoders import autoencoder_from_config, text_encoder_from_config
 
         cfg = cfg or model_file_config(path)
         model = MiroFlowModel(cfg.model, cfg.flow)
         model.load_state_dict(load_model_file(path))
-        te, ae = cfg.text_encoder, cfg.autoencoder
-        if te.kind == "small":  # its length is part of the architecture: the training length
-            text_encoder = build_text_encoder(te.kind, te.name_or_path, te.max_length, dim=cfg.model.text_dim)
-        else:  # prompts are tokenised to the sampling length (77), as released
-            text_encoder = build_text_encoder(te.kind, te.name_or_path, cfg.sampling.max_text_len, device=device)
-        if isinstance(text_encoder, torch.nn.Module):
-            text_encoder.to(device).eval()
-        autoencoder = build_autoencoder(ae.kind, ae.name_or_path, **({"device": device} if ae.kind == "sdxl_vae" else {}))
-        return cls(cfg, model.to(device), text_encoder, autoencoder, device)
+        # Prompts are tokenised to the sampling length (77), as released.
+        text_encoder = text_encoder_from_config(cfg, device, cfg.sampling.max_text_len)
+        return cls(cfg, model.to(device), text_encoder, autoencoder_from_config(cfg, device), device)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], reward_targets: Optional[Mapping[str, float]] = None,

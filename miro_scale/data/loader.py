@@ -66,6 +66,16 @@ class RowBuilder:
             messages.append(f"{where}: unexpected {type(e).__name__}: {e} (skipped)")
         return None
 
+    def stream(self) -> Iterator[dict]:
+        """Endless: the rest of this epoch, then the following epochs (state stays exact)."""
+        while True:
+            n = 0
+            for batch in self:
+                n += 1
+                yield batch
+            if n == 0 and (reason := self._no_work_reason()):  # an empty epoch would spin forever
+                raise RuntimeError(reason)
+
     # Subclasses set max_warnings (None: no cap) and _warned = 0.
     def _warn(self, msg: str) -> None:
         self._warned += 1
@@ -337,16 +347,11 @@ class PlannedLoader(RowBuilder):
         self.epoch += 1
         self.batch_in_epoch = 0
 
-    def stream(self) -> Iterator[dict]:
-        """Endless: the rest of this epoch, then the following epochs (state stays exact)."""
-        while True:
-            n = 0
-            for batch in self:
-                n += 1
-                yield batch
-            if n == 0 and len(self) == 0:
-                raise RuntimeError(f"this rank ({self.rank} of {self.world_size}) gets no batches from "
-                                   f"{self.num_samples} samples with batch_size {self.batch_size}")
+    def _no_work_reason(self):
+        if len(self) == 0:
+            return (f"this rank ({self.rank} of {self.world_size}) gets no batches from "
+                    f"{self.num_samples} samples with batch_size {self.batch_size}")
+        return None
 
     def _iter_epoch(self, order: np.ndarray, start_batch: int):
         raise NotImplementedError

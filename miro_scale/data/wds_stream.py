@@ -202,16 +202,10 @@ class WdsStreamLoader(RowBuilder):
         self.epoch += 1
         self.consumed = [0] * W
 
-    def stream(self) -> Iterator[dict]:
-        while True:
-            n = 0
-            for batch in self:
-                n += 1
-                yield batch
-            if n == 0 and not any(self.worker_shards(self.epoch, w)
-                                  for w in range(max(1, self.num_workers))):
-                raise RuntimeError(f"rank {self.rank} of {self.world_size} gets no shards out of "
-                                   f"{len(self.urls)}")
+    def _no_work_reason(self):
+        if not any(self.worker_shards(self.epoch, w) for w in range(max(1, self.num_workers))):
+            return f"rank {self.rank} of {self.world_size} gets no shards out of {len(self.urls)}"
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -146,3 +146,22 @@ def build_autoencoder(kind: str, name_or_path: str, **kwargs) -> Autoencoder:
         return IdentityAutoencoder(**kwargs)
     raise ValueError(f"autoencoder.kind: unknown {kind!r}; expected 'sdxl_vae' or 'identity'")
 
+
+
+def text_encoder_from_config(cfg, device, max_length: int | None = None) -> TextEncoder:
+    """The config's text encoder, frozen and in eval mode on `device`. max_length overrides the
+    T5 tokenisation length (sampling uses 77); the small encoder's length and width are part of
+    its architecture, so it always takes text_encoder.max_length and model.text_dim."""
+    te = cfg.text_encoder
+    if te.kind == "small":
+        encoder = build_text_encoder(te.kind, te.name_or_path, te.max_length, dim=cfg.model.text_dim)
+    else:
+        encoder = build_text_encoder(te.kind, te.name_or_path, max_length or te.max_length, device=device)
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def autoencoder_from_config(cfg, device) -> Autoencoder:
+    ae = cfg.autoencoder
+    if ae.kind == "sdxl_vae":
+        return build_autoencoder(ae.kind, ae.name_or_path, device=device)
+    return build_autoencoder(ae.kind, ae.name_or_path, channels=cfg.model.latent_channels)

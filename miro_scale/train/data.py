@@ -15,7 +15,7 @@ import torch
 
 from miro_scale.config import MiroConfig
 from miro_scale.data.synthetic_tensors import SyntheticLatentDataset, collate
-from miro_scale.models.encoders import build_autoencoder, build_text_encoder
+from miro_scale.models.encoders import autoencoder_from_config, text_encoder_from_config
 
 
 class EpochBatchStream:
@@ -81,16 +81,8 @@ class ShardBatchStream:
         self.loader = make_loader(d.loader, d.shards, cfg.train.micro_batch_size, **kwargs)
         self.device = device
         self.autoencoder = None
-        if d.mode == "image":
-            ae_kwargs = {"device": device} if cfg.autoencoder.kind == "sdxl_vae" else {}
-            self.autoencoder = build_autoencoder(cfg.autoencoder.kind, cfg.autoencoder.name_or_path, **ae_kwargs)
-        self.text_encoder = None
-        if not d.precomputed_text:
-            extra = {"dim": cfg.model.text_dim} if cfg.text_encoder.kind == "small" else {"device": device}
-            self.text_encoder = build_text_encoder(cfg.text_encoder.kind, cfg.text_encoder.name_or_path,
-                                                   cfg.text_encoder.max_length, **extra)
-            if isinstance(self.text_encoder, torch.nn.Module):
-                self.text_encoder.to(device).eval().requires_grad_(False)
+        self.autoencoder = autoencoder_from_config(cfg, device) if d.mode == "image" else None
+        self.text_encoder = None if d.precomputed_text else text_encoder_from_config(cfg, device)
         self._stream: Optional[Iterator] = None
 
     @torch.no_grad()

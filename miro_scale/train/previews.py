@@ -15,7 +15,7 @@ from torchvision.utils import make_grid, save_image
 
 from miro_scale.config import MiroConfig
 from miro_scale.flow import denormalize_latents
-from miro_scale.models.encoders import build_autoencoder
+from miro_scale.models.encoders import autoencoder_from_config
 from miro_scale.sampling import sample
 from miro_scale.train.optim import EMA
 
@@ -23,8 +23,7 @@ from miro_scale.train.optim import EMA
 def build_decoder(cfg: MiroConfig, device) -> Callable[[torch.Tensor], torch.Tensor]:
     """Normalised latents -> RGB in [-1, 1]. Without an RGB autoencoder (synthetic latents), the
     first three latent channels are shown as they are."""
-    autoencoder = build_autoencoder(cfg.autoencoder.kind, cfg.autoencoder.name_or_path,
-                                    **({"device": device} if cfg.autoencoder.kind == "sdxl_vae" else {}))
+    autoencoder = autoencoder_from_config(cfg, device)
 
     def decode(x: torch.Tensor) -> torch.Tensor:
         if cfg.autoencoder.kind == "identity" and x.shape[1] != 3:

@@ -89,6 +89,8 @@ class Trainer:
         # Every config check runs before a process group starts.
         self.accumulation = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.rank, self.world, self.device = init_distributed(cfg)
+        # Where small collectives (loss mean, stop flag) live: NCCL needs CUDA tensors, gloo CPU ones.
+        self.comm_device = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -186,8 +188,7 @@ class Trainer:
         result = self.engine.step()
         self.step += 1
         if dist.is_initialized():  # log the global mean, not rank 0's share
-            losses = torch.tensor([total_loss, raw_loss], dtype=torch.float64,
-                                  device=self.device if dist.get_backend() == "nccl" else "cpu")
+            losses = torch.tensor([total_loss, raw_loss], dtype=torch.float64, device=self.comm_device)
             dist.all_reduce(losses)
             total_loss, raw_loss = (losses / self.world).tolist()
         if result.skipped:
@@ -240,8 +241,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Any rank's signal stops every rank at the same step."""
-        flag = torch.tensor([self._stop_signal is not None], dtype=torch.int32,
-                            device=self.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
+        flag = torch.tensor([self._stop_signal is not None], dtype=torch.int32, device=self.comm_device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
