@@ -240,3 +240,11 @@ def test_stream_runs_across_epochs(ds):
     ref = WebDatasetLoader(ds, 8, resolution=16, num_workers=0, seed=2)
     want = [b["keys"] for b in ref] + [b["keys"] for b in ref] + [b["keys"] for b in ref][:3]
     assert got == want
+
+
+def test_stream_refuses_a_rank_with_no_batches(tmp_path):
+    """An endless stream over an epoch plan with nothing for this rank would spin forever."""
+    simple_dataset(str(tmp_path), 3, 3)
+    loader = WebDatasetLoader(str(tmp_path), 8, resolution=16, num_workers=0, drop_last=True)
+    with pytest.raises(RuntimeError, match=r"this rank \(0 of 1\) gets no batches from 3 samples with batch_size 8"):
+        next(loader.stream())
