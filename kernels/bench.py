@@ -148,6 +148,13 @@ def _as_tuple(out):
 
 def measure(cases: Sequence[Case], timer: Callable[[Callable], float]) -> None:
     """Fill case.results[mode][impl] with median milliseconds; a failing impl records its error."""
+    # The bwd timing replays one autograd graph (retain_graph=True), which a compiled backward
+    # with donated buffers refuses; donation only saves memory, so it is off for the benchmark.
+    with torch._functorch.config.patch(donated_buffer=False):
+        _measure(cases, timer)
+
+
+def _measure(cases: Sequence[Case], timer: Callable[[Callable], float]) -> None:
     for case in cases:
         torch._dynamo.reset()  # one compiled graph per case; no recompile limit to run into
         inputs = case.make_inputs()
