@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 
 import kernels
 
@@ -150,7 +151,7 @@ def measure(cases: Sequence[Case], timer: Callable[[Callable], float]) -> None:
     """Fill case.results[mode][impl] with median milliseconds; a failing impl records its error."""
     # The bwd timing replays one autograd graph (retain_graph=True), which a compiled backward
     # with donated buffers refuses; donation only saves memory, so it is off for the benchmark.
-    with torch._functorch.config.patch(donated_buffer=False):
+    with functorch_config.patch(donated_buffer=False):
         _measure(cases, timer)
 
 
