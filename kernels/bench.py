@@ -147,15 +147,11 @@ def _as_tuple(out):
     return tuple(o for o in out if o is not None) if isinstance(out, tuple) else (out,)
 
 
+# The bwd timing replays one autograd graph (retain_graph=True), which a compiled backward with
+# donated buffers refuses; donation only saves memory, so it is off for the benchmark.
+@functorch_config.patch(donated_buffer=False)
 def measure(cases: Sequence[Case], timer: Callable[[Callable], float]) -> None:
     """Fill case.results[mode][impl] with median milliseconds; a failing impl records its error."""
-    # The bwd timing replays one autograd graph (retain_graph=True), which a compiled backward
-    # with donated buffers refuses; donation only saves memory, so it is off for the benchmark.
-    with functorch_config.patch(donated_buffer=False):
-        _measure(cases, timer)
-
-
-def _measure(cases: Sequence[Case], timer: Callable[[Callable], float]) -> None:
     for case in cases:
         torch._dynamo.reset()  # one compiled graph per case; no recompile limit to run into
         inputs = case.make_inputs()
