@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 from miro_scale.rewards.keys import MIRO_REWARD_KEYS, REWARD_KEYS
 
@@ -175,7 +175,9 @@ class DataConfig:
     loader: Literal["pil", "dali"] = "pil"
     mode: Literal["latent", "image"] = "latent"
     resolution: int = 256  # image mode: pixels
-    caption_source: str = "txt"  # "txt" or a name in json["captions"] (e.g. a synthetic caption)
+    # "txt", a name in json["captions"] (e.g. "long", a synthetic caption), or a {name: weight} mix
+    # drawn per sample and epoch; each caption brings its own rewards (json "rewards_by_caption")
+    caption_source: Union[str, Dict[str, float]] = "txt"
     precomputed_text: bool = True  # text embeddings stored in the shards; else encode captions
     max_text_len: int = 256
     num_workers: int = 2
@@ -187,6 +189,19 @@ class DataConfig:
         _require(self.num_workers >= 0, prefix, "num_workers", "must be >= 0")
         _require(self.resolution >= 1, prefix, "resolution", "must be >= 1")
         _require(self.source != "shards" or bool(self.shards), prefix, "shards", "is required when source is 'shards'")
+        mix = self.caption_mix()
+        _require(all(w >= 0 for w in mix.values()) and sum(mix.values()) > 0, prefix, "caption_source",
+                 f"weights must be >= 0 with a positive sum, got {self.caption_source!r}")
+        if self.source == "shards" and self.loader == "dali":
+            _require(self.mode == "image", prefix, "loader",
+                     "'dali' decodes images; latent mode (precomputed latents) reads shards with loader 'pil'")
+            _require(not self.precomputed_text, prefix, "loader",
+                     "'dali' does not read precomputed text embeddings; use loader 'pil' or precomputed_text false")
+
+    def caption_mix(self) -> Dict[str, float]:
+        """The caption sources and their weights."""
+        src = self.caption_source
+        return {src: 1.0} if isinstance(src, str) else dict(src)
 
 
 @dataclass

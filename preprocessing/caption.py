@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Synthetic captions with a transformers vision-language model (MIRO used google/gemma-3-12b-it).
+r"""Synthetic captions with a transformers vision-language model (the caption stage; MIRO used
+google/gemma-3-12b-it).
 
   torchrun --nproc_per_node 8 preprocessing/caption.py --shards 'data/{00000..00099}.tar' \
       --model google/gemma-3-12b-it --kinds long,short --out captions/
 
-Writes `{out}/{shard}.captions.parquet` (key, status, error, caption_long, caption_short), atomically;
-a rerun skips finished shards; shards are split over RANK/WORLD_SIZE as in score.py. With
---format json the sidecar is `{shard}.captions.json`: {key: {"captions": {"long": ..., "short": ...}}},
-the layout of the shard format's json "captions" field. Any AutoModelForImageTextToText model whose
-processor has a chat template works (the model and processor load from a local directory or hub id).
+Writes `{out}/{stem}.captions.parquet` (key, status, error, caption_long, caption_short) per shard on
+the shard-job runner (miro_scale/shard_jobs.py): atomic, resumable, split over RANK/WORLD_SIZE, a
+failed shard retried by the next run. The encode, score and shard stages read these sidecars with
+`--captions DIR`: each caption becomes `json["captions"][kind]` of its sample (caption source
+`long`, `short`). Any AutoModelForImageTextToText model whose processor has a chat template works
+(the model and processor load from a local directory or hub id).
 
 The long prompt is the one in the MIRO paper's appendix E; the paper does not give the prompt of
 its short captions (used for the 77-token reward models), so SHORT_PROMPT is ours. A reply without
@@ -20,7 +22,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,11 +85,11 @@ class Captioner:
         return self.processor.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def caption_shard(cap: Captioner, shard: str, kinds, batch_size: int, max_tokens: dict, progress=None):
+def caption_shard(cap: "Captioner", shard: str, kinds, batch_size: int, max_tokens: dict, progress=None):
     from miro_scale.data.decode import decode_image
     from miro_scale.data.format import SampleError, image_ext
-    from miro_scale.data.tario import iter_samples
-    from miro_scale.rewards.scoring import shard_stem
+    from miro_scale.data.sidecars import iter_members, open_source_shard
+    from miro_scale.shard_jobs import shard_stem
     rows = {"key": [], "status": [], "error": [], **{f"caption_{k}": [] for k in kinds}}
     batch = []
 
@@ -117,7 +118,8 @@ def caption_shard(cap: Captioner, shard: str, kinds, batch_size: int, max_tokens
         batch.clear()
 
     stem = shard_stem(shard)
-    for key, members in iter_samples(shard):
+    index = open_source_shard(shard)
+    for key, members in iter_members(shard, index):
         i = len(rows["key"])
         rows["key"].append(key)
         rows["status"].append("ok")
@@ -137,67 +139,68 @@ def caption_shard(cap: Captioner, shard: str, kinds, batch_size: int, max_tokens
         if len(batch) >= batch_size:
             flush()
     flush()
-    return rows
+    failures = {}
+    for st in rows["status"]:
+        if st != "ok":
+            failures[st] = failures.get(st, 0) + 1
+    for reason, _ in index.problems:
+        failures[reason] = failures.get(reason, 0) + 1
+    counts = {"samples": len(rows["key"]), "failures": failures,
+              "left_out": [f"{reason}:{name}" for reason, name in index.problems]}
+    return rows, counts
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, nargs="+")
+    p.add_argument("--shards", required=True, nargs="+", help="brace patterns / globs / paths / directories")
     p.add_argument("--model", default="google/gemma-3-12b-it", help="local directory or hub id")
-    p.add_argument("--out", required=True)
-    p.add_argument("--kinds", default="long,short")
+    p.add_argument("--out", required=True, help="output directory of the caption sidecars")
+    p.add_argument("--kinds", default="long,short", help=f"captions to write, of {sorted(PROMPTS)}")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens-long", type=int, default=320)
     p.add_argument("--max-new-tokens-short", type=int, default=64)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--format", default="parquet", choices=["parquet", "json"])
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed shard within this run")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     import pyarrow as pa
     import torch
-    from tqdm import tqdm
 
-    from miro_scale.atomic import write_bytes_atomic
-    from miro_scale.rewards.scores_io import write_table_atomic
+    from miro_scale import shard_jobs
     from miro_scale.data.plan import resolve_shards
-    from miro_scale.rewards.scoring import assign_shards, shard_stem
+    from miro_scale.rewards.scores_io import write_table_atomic
+    shard_jobs.setup_logging()
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in PROMPTS]
     if unknown:
         raise SystemExit(f"--kinds: unknown {unknown} (have {sorted(PROMPTS)})")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        shards = resolve_shards(a.shards)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--shards: {e}")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    shards = resolve_shards(a.shards)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = ".captions.parquet" if a.format == "parquet" else ".captions.json"
-    todo = [s for s in assign_shards(shards, rank, world) if not (out / f"{shard_stem(s)}{suffix}").exists()]
-    if not todo:
-        print(f"[rank {rank}] nothing to do")
-        return 0
-    cap = Captioner(a.model, device, a.precision)
     max_tokens = {"long": a.max_new_tokens_long, "short": a.max_new_tokens_short}
-    bar = tqdm(unit="img", desc=f"rank {rank} captions", position=rank, disable=a.no_progress)
-    t0 = time.perf_counter()
-    n = 0
-    for s in todo:
-        rows = caption_shard(cap, s, kinds, a.batch_size, max_tokens, bar)
-        n += len(rows["key"])
-        target = out / f"{shard_stem(s)}{suffix}"
-        if a.format == "parquet":
-            t = pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
-            t = t.replace_schema_metadata({"miro_captions": json.dumps({"model": a.model, "kinds": kinds,
-                                                                         "prompts": {k: PROMPTS[k] for k in kinds}})})
-            write_table_atomic(t, target)
-        else:
-            doc = {key: {"captions": {k: rows[f"caption_{k}"][i] for k in kinds}, "status": rows["status"][i]}
-                   for i, key in enumerate(rows["key"])}
-            write_bytes_atomic(target, json.dumps(doc).encode())
-    bar.close()
-    dt = time.perf_counter() - t0
-    print(json.dumps({"rank": rank, "shards": len(todo), "images": n, "images_per_s": round(n / dt, 3)}))
-    return 0
+    state = {}  # the model is loaded on the first shard that needs it (a rerun may need none)
+
+    def process(task):
+        if "cap" not in state:
+            state["cap"] = Captioner(a.model, device, a.precision)
+        t0 = time.perf_counter()
+        rows, counts = caption_shard(state["cap"], task.shard, kinds, a.batch_size, max_tokens, task.bar)
+        t = pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
+        t = t.replace_schema_metadata({"miro_captions": json.dumps(
+            {"model": a.model, "kinds": kinds, "prompts": {k: PROMPTS[k] for k in kinds}}, sort_keys=True)})
+        write_table_atomic(t, task.path("{stem}.captions.parquet"))
+        counts["timing"] = {"generate": time.perf_counter() - t0}
+        return counts
+
+    job = shard_jobs.ShardJob(
+        stage="caption", out_dir=a.out, outputs=["{stem}.captions.parquet"], process=process,
+        params={"model": a.model, "kinds": kinds, "prompts": {k: PROMPTS[k] for k in kinds},
+                "max_new_tokens": {k: max_tokens[k] for k in kinds}, "precision": a.precision},
+        retries=a.retries, progress=not a.no_progress)
+    return shard_jobs.report(shard_jobs.run(job, shards))
 
 
 if __name__ == "__main__":

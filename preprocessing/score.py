@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Score webdataset shards with reward models (thin CLI over miro_scale.rewards.scoring).
+r"""Score webdataset shards with reward models (the score stage; CLI over miro_scale.rewards.scoring).
 
   torchrun --nproc_per_node 8 preprocessing/score.py --shards 'data/{00000..00009}.tar' \
-      --rewards aesthetic,hpsv2,pickscore,sciscore,image_reward --out scores/
+      --rewards clip,aesthetic,image_reward,pickscore,hpsv2,vqa,sciscore \
+      --captions captions/ --caption-sources txt,long --out scores/
 
-Reruns skip finished shards. See miro_scale/rewards/scoring.py for the output format.
+Writes scores/{stem}.scores.parquet per shard (see miro_scale/rewards/scoring.py for the columns).
+Reruns skip finished shards; a failed shard is named in scores/score.summary.json and retried by the
+next run; the exit status is 1 while any shard is not done.
 """
 import argparse
 import json
@@ -13,9 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from miro_scale.rewards.registry import canonical_key  # noqa: E402
 from miro_scale.data.plan import resolve_shards  # noqa: E402
+from miro_scale.rewards.registry import canonical_key  # noqa: E402
 from miro_scale.rewards.scoring import ScoreConfig, parse_groups, run_scoring  # noqa: E402
+from miro_scale.shard_jobs import report, setup_logging  # noqa: E402
 
 
 def _kv(s: str, what: str) -> dict:
@@ -36,7 +40,10 @@ def main(argv=None):
     p.add_argument("--groups", default=None,
                    help="passes of rewards, ';'-separated groups of ','-separated keys (models of one group "
                         "are loaded together); default: one pass")
-    p.add_argument("--captions", default="txt", help="caption sources: txt and/or json captions.<name> entries")
+    p.add_argument("--captions", default=None,
+                   help="the caption stage's output directory (preprocessing/caption.py --out)")
+    p.add_argument("--caption-sources", default="txt",
+                   help="captions to score: txt and/or names of json/sidecar captions (e.g. txt,long)")
     p.add_argument("--variant", default="pretrained", choices=["pretrained", "random", "tiny"])
     p.add_argument("--reward-config", default=None, help="JSON file {reward_key: {builder kwargs}} (weights paths...)")
     p.add_argument("--batch-size", default="", help="per-reward batch sizes: key=N,key=N")
@@ -48,31 +55,29 @@ def main(argv=None):
                    help="dtype of the weights (bf16 halves memory)")
     p.add_argument("--draft-decode", action="store_true",
                    help="decode big JPEGs at a reduced DCT scale (>= the largest view): faster, slightly different")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed shard within this run")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    setup_logging()
     rewards = [canonical_key(k) for k in a.rewards.split(",") if k.strip()]
-    shards = resolve_shards(a.shards)
-    if not shards:
-        raise SystemExit(f"--shards {a.shards}: no shard matched")
-    missing = [s for s in shards if not os.path.exists(s)]
-    if missing:
-        raise SystemExit(f"--shards: {len(missing)} shard(s) do not exist, e.g. {missing[:3]}")
+    try:
+        shards = resolve_shards(a.shards)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--shards: {e}")
     reward_kwargs = {}
     if a.reward_config:
         with open(a.reward_config) as f:
             reward_kwargs = {canonical_key(k): v for k, v in json.load(f).items()}
     cfg = ScoreConfig(shards=shards, rewards=rewards, out_dir=a.out, groups=parse_groups(a.groups, rewards),
-                      captions=[c.strip() for c in a.captions.split(",") if c.strip()], variant=a.variant,
-                      reward_kwargs=reward_kwargs, batch_sizes=_kv(a.batch_size, "--batch-size"),
-                      chunk_size=a.chunk_size, num_workers=a.num_workers, device=a.device,
-                      precision=a.precision, weights_dtype=a.weights_dtype, draft_decode=a.draft_decode,
+                      caption_sources=[c.strip() for c in a.caption_sources.split(",") if c.strip()],
+                      captions_dir=a.captions, variant=a.variant, reward_kwargs=reward_kwargs,
+                      batch_sizes=_kv(a.batch_size, "--batch-size"), chunk_size=a.chunk_size,
+                      num_workers=a.num_workers, device=a.device, precision=a.precision,
+                      weights_dtype=a.weights_dtype, draft_decode=a.draft_decode, retries=a.retries,
                       progress=not a.no_progress, debug_delay=a.debug_delay)
     summary = run_scoring(cfg)
-    if summary is not None:
-        print(json.dumps({k: summary[k] for k in ("num_shards", "shards_done", "num_samples", "num_ok",
-                                                  "failures_by_kind", "rewards")}, indent=1))
-    return 0
+    return report(summary, extra={"images_per_s": summary["images_per_s"]} if summary else None)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,12 @@ def reward_entry(raw: float | None, bin_index: int, num_bins: int) -> dict:
     }
 
 
+def clean_caption(text: str) -> str:
+    """The caption the models see: CC12M's ``<PERSON>`` placeholders removed, as the release did
+    before scoring and encoding."""
+    return text.replace("<PERSON>", "")
+
+
 def choose_caption(txt: str | None, meta: Mapping[str, Any], source: str, where: str) -> str:
     """The caption to use. ``source``: "txt" (the txt member, else json "caption"), or the name of a
     ``json["captions"]`` entry ("short", "long", ...)."""

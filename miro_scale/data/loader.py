@@ -3,7 +3,8 @@
 All loaders (this one, :class:`miro_scale.data.dali_loader.DaliLoader`) yield the same batch dict:
 
 ``"image"``      float32 [B, 3, H, W] in [-1, 1] (``mode="image"``), or
-``"latents"``    float32 [B, C, h, w] raw VAE latents (``mode="latent"``: mean + std * eps, or the mean)
+``"latents"``    float32 [B, C, h, w] raw VAE posterior mean (``mode="latent"``), and
+``"latents_std"`` its std when ``latent_std`` (the trainer samples mean + std * eps on the device)
 ``"text"``       list[str] of B captions (always; ``caption_source`` "txt", a ``json["captions"]``
                  name, or a {name: weight} mix drawn per sample and epoch)
 ``"text_embeddings"`` float32 [B, L, D] and ``"text_mask"`` bool [B, L] (``text_embeddings=True``)
@@ -50,7 +51,7 @@ def _load_npy(data: bytes, where: str, ext: str) -> np.ndarray:
 class RowBuilder:
     """Per-sample CPU work shared by the loaders: caption choice, rewards, image decode, latents,
     text embeddings, and collation into numpy arrays. Needs the attributes set by
-    ``_set_caption_source`` and: mode, resolution, max_pixels, latent_sample, seed, reward_keys,
+    ``_set_caption_source`` and: mode, resolution, max_pixels, latent_std, seed, reward_keys,
     text_embeddings, max_text_len."""
 
     @staticmethod
@@ -160,7 +161,8 @@ class RowBuilder:
             if mean_b is None:
                 raise SampleError("missing_latent_mean", f"{where}: no .{LATENT_MEAN_EXT} member")
             mean = _load_npy(mean_b, where, LATENT_MEAN_EXT).astype(np.float32)
-            if self.latent_sample:
+            s["latents"] = mean
+            if self.latent_std:
                 std_b = get(LATENT_STD_EXT)
                 if std_b is None:
                     raise SampleError("missing_latent_std", f"{where}: no .{LATENT_STD_EXT} member")
@@ -168,10 +170,7 @@ class RowBuilder:
                 if std.shape != mean.shape:
                     raise SampleError("bad_npy", f"{where}: latent std shape {std.shape} != mean "
                                       f"shape {mean.shape}")
-                eps = np.random.default_rng([self.seed, epoch, int(i), 0x6C6174]).standard_normal(
-                    mean.shape, dtype=np.float32)
-                mean = mean + std * eps
-            s["latents"] = mean
+                s["latents_std"] = std
         if self.text_embeddings:
             emb_b = get(text_emb_ext(source))
             if emb_b is None:
@@ -196,7 +195,7 @@ class RowBuilder:
         out = {"keys": keys, "where": wheres, "text": [r["caption"] for r in rows],
                "rewards": (np.stack([r["rewards"] for r in rows]) if rows
                            else np.zeros((0, len(self.reward_keys)), np.float32))}
-        for name in ("image", "latents", "text_embeddings", "text_mask"):
+        for name in ("image", "latents", "latents_std", "text_embeddings", "text_mask"):
             if rows and name in rows[0]:
                 out[name] = np.stack([r[name] for r in rows])
         if not rows and self.mode == "image":
@@ -209,8 +208,9 @@ class RowBuilder:
         if "image" in a:
             img = torch.from_numpy(a["image"])  # uint8 [B, 3, H, W]
             out["image"] = img.float().div_(127.5).sub_(1.0)
-        if "latents" in a:
-            out["latents"] = torch.from_numpy(a["latents"])
+        for name in ("latents", "latents_std"):
+            if name in a:
+                out[name] = torch.from_numpy(a[name])
         if "text_embeddings" in a:
             out["text_embeddings"] = torch.from_numpy(a["text_embeddings"])
             out["text_mask"] = torch.from_numpy(a["text_mask"])
@@ -392,16 +392,16 @@ class WebDatasetLoader(PlannedLoader):
     """PIL decode + torch DataLoader workers, reading members by offset (random access).
 
     Args (besides :class:`PlannedLoader`'s): ``num_workers`` DataLoader workers (0: in-process),
-    ``latent_sample`` (latent mode: mean + std * eps with eps seeded by (seed, epoch, sample), else
-    the mean), ``max_pixels`` (larger images are skipped), ``pin_memory``, ``prefetch_factor``.
+    ``latent_std`` (latent mode: also read the posterior std, required; the trainer samples
+    mean + std * eps), ``max_pixels`` (larger images are skipped), ``pin_memory``, ``prefetch_factor``.
     """
 
-    def __init__(self, shards, batch_size: int, *, num_workers: int = 2, latent_sample: bool = True,
+    def __init__(self, shards, batch_size: int, *, num_workers: int = 2, latent_std: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, pin_memory: bool = False,
                  prefetch_factor: int = 2, **kw):
         super().__init__(shards, batch_size, **kw)
         self.num_workers = int(num_workers)
-        self.latent_sample = bool(latent_sample)
+        self.latent_std = bool(latent_std)
         self.max_pixels = int(max_pixels)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)

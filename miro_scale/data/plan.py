@@ -90,6 +90,7 @@ def _resolve(spec) -> list:
             if missing:
                 raise FileNotFoundError(f"{man} lists shards that do not exist: {missing[:3]}")
             return paths
+        _refuse_unfinished_stage_output(spec)
         paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
         if not paths:
             raise FileNotFoundError(f"{spec}: no .tar shards and no manifest.json")
@@ -107,12 +108,35 @@ def _resolve(spec) -> list:
     return [spec]
 
 
+def _refuse_unfinished_stage_output(directory: str) -> None:
+    """The shard stage writes manifest.json only when every shard is done; its directory without one
+    is not a dataset yet (a killed or failing run): say which shards are missing."""
+    import json
+
+    job = os.path.join(directory, "shard.job.json")
+    if not os.path.exists(job):
+        return  # a plain directory of tars (img2dataset's output): read as it is
+    from miro_scale.shard_jobs import read_record, shard_stem
+
+    with open(job) as f:
+        stems = [shard_stem(p) for p in json.load(f)["shards"]]
+    missing = [s for s in stems if read_record(directory, "shard", s) is None]
+    if not missing:
+        raise FileNotFoundError(f"{directory}: every shard is done but manifest.json was not written (the run "
+                                "was stopped at its end); rerun preprocessing/shard.py to write it")
+    raise FileNotFoundError(
+        f"{directory}: the shard stage has not finished ({len(stems) - len(missing)} of {len(stems)} shards done, "
+        f"no manifest.json); missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; rerun "
+        "preprocessing/shard.py (see shard.summary.json for failures)")
+
+
 def build_dataset_index(shards: Sequence[str], required: Iterable, use_index_files: bool = True,
                         threads: int = 8) -> DatasetIndex:
     """Index all shards and keep the samples that have every ``required`` member. ``required`` holds
     extensions or tuples of alternatives (e.g. ``(IMAGE_EXTS, "txt", "json")``). Samples left out
-    are counted in ``skipped`` by reason (``missing_<ext>``, ``empty_member``) with a message naming
-    shard and key; a truncated tar counts under ``truncated_shard``."""
+    are counted in ``skipped`` by reason (``missing_<ext>``, ``empty_member``, and the index's
+    ``duplicate_key`` / ``bad_member_name``) with a message naming shard and key; a truncated tar
+    counts under ``truncated_shard``."""
     required = [tuple(r) if isinstance(r, (tuple, list)) else (r,) for r in required]
     shards = list(shards)
     if not shards:
@@ -135,6 +159,9 @@ def build_dataset_index(shards: Sequence[str], required: Iterable, use_index_fil
         if idx.cut_key is not None:
             skipped["truncated_sample"] += 1
             messages.append(f"{shards[s]}:{idx.cut_key}: skipped (its members are cut by the tar's end)")
+        for reason, name in idx.problems:
+            skipped[reason] += 1
+            messages.append(f"{shards[s]}:{name}: skipped ({reason})")
         n = len(idx)
         ok = np.ones(n, dtype=bool)
         col = {e: c for c, e in enumerate(idx.exts)}

@@ -5,6 +5,14 @@ A :class:`ShardIndex` lists a shard's samples in tar order, each as its key and 
 (``NAME.idx`` for ``NAME.tar``) when there is one that fits the tar, otherwise built by scanning the
 tar's headers (seeking over data, so it is quick). A truncated tar is indexed up to its last complete
 member and flagged ``truncated``.
+
+Member names are taken as users' tools write them (see :func:`normalize_member_name` and
+:func:`canonical_ext`): ``./`` prefixes are dropped, directories stay part of the key, a key keeps
+spaces and non-ASCII letters, and a name such as ``photo.v2.jpg`` (key ``photo`` by the webdataset
+convention, extension ``v2.jpg``) is read as the sample's ``jpg``. Duplicate keys, whether their
+members are consecutive or not, are never merged: the first sample keeps the key and every later one
+is left out and listed in :attr:`ShardIndex.problems` (reason ``duplicate_key``), as are member
+names that are not UTF-8 (``bad_member_name``).
 """
 from __future__ import annotations
 
@@ -17,11 +25,68 @@ from typing import Iterator
 
 from miro_scale.atomic import write_text_atomic
 
-from .format import INDEX_VERSION, split_member_name
+from .format import IMAGE_EXTS, INDEX_VERSION, JSON_EXT, TEXT_EXT, split_member_name
 
 log = logging.getLogger("miro_scale.data")
 
 Members = dict  # ext -> (offset, size, member name)
+
+# Extensions recognised from the last suffix of a dotted extension ("v2.jpg" -> "jpg").
+_ALIASED_EXTS = frozenset(IMAGE_EXTS + (TEXT_EXT, JSON_EXT))
+
+
+def normalize_member_name(name: str) -> str | None:
+    """A tar member name as a path relative to the archive root: ``./`` and ``/`` prefixes are
+    dropped (``tar -C dir -cf x.tar .`` writes ``./KEY.jpg``). None for a name that cannot belong to
+    a sample: not valid UTF-8 (tarfile hands those over with surrogate escapes) or with ``..``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.lstrip("/")
+    if ".." in name.split("/"):
+        return None
+    return name
+
+
+def canonical_ext(ext: str) -> str:
+    """``ext`` itself, or for a dotted extension that is not a known member type but ends in one
+    (``v2.jpg``, left by a key with dots), that last suffix."""
+    if ext in _ALIASED_EXTS or "." not in ext:
+        return ext
+    last = ext.rsplit(".", 1)[1]
+    return last if last in _ALIASED_EXTS else ext
+
+
+def _group_members(entries, problems: list):
+    """Group ``(key, ext, value)`` entries of a tar (in tar order) into samples, in order of first
+    appearance. A run of consecutive entries with one key is one sample (an extension repeated
+    inside a run starts a new run). A later run of a key already seen joins that sample when it adds
+    only new extensions (``tar -C dir -cf x.tar .`` stores files in directory order, so one sample's
+    members need not be adjacent); when it repeats an extension it is a duplicate sample: left out
+    whole and recorded in ``problems``, never merged. Returns (keys, members)."""
+    runs: list = []
+    for key, ext, value in entries:
+        if runs and runs[-1][0] == key and ext not in runs[-1][1]:
+            runs[-1][1][ext] = value
+        else:
+            runs.append((key, {ext: value}))
+    keys: list = []
+    members: list = []
+    where: dict = {}
+    for key, mem in runs:
+        j = where.get(key)
+        if j is None:
+            where[key] = len(keys)
+            keys.append(key)
+            members.append(mem)
+        elif members[j].keys().isdisjoint(mem):
+            members[j].update(mem)
+        else:
+            problems.append(("duplicate_key", key))
+    return keys, members
 
 
 class ShardIndex:
@@ -30,8 +95,10 @@ class ShardIndex:
     member absent). ``keys``/``members`` give list views (slow; for tools and tests)."""
 
     def __init__(self, path: str, keys=(), members=(), truncated: bool = False,
-                 cut_key: str | None = None, source: str = "scan"):
+                 cut_key: str | None = None, source: str = "scan", problems=()):
         self.path, self.truncated, self.cut_key, self.source = path, truncated, cut_key, source
+        # (reason, name) of members/samples left out: duplicate_key, bad_member_name
+        self.problems: list = list(problems)
         exts: list = []
         for mem in members:
             for e in mem:
@@ -98,8 +165,9 @@ def index_path_for(tar_path: str) -> str:
     return base + ".idx"
 
 
-def format_index(keys: list, members: list) -> str:
-    """DALI's webdataset index text (v1.2) for samples given in tar order."""
+def format_index(keys: list, members: list) -> str | None:
+    """DALI's webdataset index text (v1.2) for samples given in tar order; None when a member name
+    has whitespace, which the index's space-separated lines cannot hold."""
     lines = [f"{INDEX_VERSION} {len(keys)}"]
     for key, mem in zip(keys, members):
         parts = []
@@ -107,15 +175,23 @@ def format_index(keys: list, members: list) -> str:
             off, size = v[0], v[1]
             name = f"{key}.{ext}"
             if any(c.isspace() for c in name):
-                raise ValueError(f"member name {name!r} has whitespace; DALI's index cannot hold it")
+                return None
             parts.append(f"{ext} {off} {size} {name}")
         lines.append(" ".join(parts))
     return "\n".join(lines) + "\n"
 
 
-def write_index_file(path: str, keys: list, members: list) -> None:
-    """Write a DALI index atomically (temporary name, then rename)."""
-    write_text_atomic(path, format_index(keys, members))
+def write_index_file(path: str, keys: list, members: list) -> bool:
+    """Write a DALI index atomically (temporary name, then rename). Index files are optional: when
+    a key has whitespace none is written (and a stale one is removed), and readers scan the tar."""
+    text = format_index(keys, members)
+    if text is None:
+        log.info("%s: not written (a key has whitespace); the tar is scanned instead", path)
+        if os.path.exists(path):
+            os.remove(path)
+        return False
+    write_text_atomic(path, text)
+    return True
 
 
 def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
@@ -130,7 +206,7 @@ def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
             return fast
         f.seek(0)
         f.readline()
-        keys, members = [], []
+        keys, members, problems, seen = [], [], [], set()
         for lineno, line in enumerate(f, start=2):
             tok = line.split()
             if not tok:
@@ -138,21 +214,25 @@ def read_index_file(idx_path: str, tar_path: str) -> ShardIndex:
             if len(tok) % 4:
                 raise ValueError(f"{idx_path}:{lineno}: expected groups of 'ext offset size name'")
             mem = {}
-            key = None
             for i in range(0, len(tok), 4):
                 ext, off, size, name = tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]
-                mem[ext] = (off, size, name)
-                key = split_member_name(name)[0]
+                mem[canonical_ext(ext)] = (off, size, name)
+            key = split_member_name(name)[0]
             keys.append(key)
             members.append(mem)
     if len(keys) != expected:
         raise ValueError(f"{idx_path}: header says {expected} samples, found {len(keys)}")
-    return ShardIndex(tar_path, keys, members, source="idx")
+    unique = [j for j, k in enumerate(keys) if not (k in seen or seen.add(k))]
+    for j in sorted(set(range(len(keys))) - set(unique)):
+        problems.append(("duplicate_key", keys[j]))
+    keys, members = [keys[j] for j in unique], [members[j] for j in unique]
+    return ShardIndex(tar_path, keys, members, source="idx", problems=problems)
 
 
 def _read_uniform_index(body: str, expected: int, idx_path: str, tar_path: str) -> ShardIndex | None:
     """Fast path for the common index where every sample has the same members in the same order
-    (what ShardWriter and img2dataset produce): one split and numpy reshapes. None otherwise."""
+    and keys are unique (what ShardWriter and img2dataset produce): one split and numpy reshapes.
+    None otherwise."""
     tok = body.split()
     if expected == 0 or not tok or len(tok) % (4 * expected):
         return None
@@ -173,53 +253,56 @@ def _read_uniform_index(body: str, expected: int, idx_path: str, tar_path: str) 
         c = len(e) + 1
         if any(n[:-c] != k for n, k in zip(arr[:, e_i, 3], keys)):
             return None
+    exts = tuple(canonical_ext(e) for e in exts)
+    if len(set(keys)) != len(keys) or len(set(exts)) != E:
+        return None
     key_bytes = np.array([k.encode("utf-8") for k in keys], dtype=bytes)
     return ShardIndex.from_arrays(tar_path, exts, key_bytes, offsets, sizes, source="idx")
 
 
 def scan_tar(tar_path: str) -> ShardIndex:
-    """Index a tar by reading its headers. Keys group *consecutive* members, as DALI's ``wds2idx``
-    does; hidden files (basename starting with '.') and non-regular entries are ignored."""
-    keys: list = []
-    members: list = []
+    """Index a tar by reading its headers (GNU and pax long names included). Keys group
+    *consecutive* members, as DALI's ``wds2idx`` does; hidden files (basename starting with '.'),
+    directories and other non-regular entries are ignored."""
+    entries: list = []
+    problems: list = []
     truncated, cut_key = False, None
     file_size = os.path.getsize(tar_path)
-    last_key = None
     try:
-        with tarfile.open(tar_path, "r:") as tf:
+        with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
             while True:
                 try:
                     ti = tf.next()
                 except (tarfile.ReadError, EOFError, OSError) as e:
                     truncated = True
-                    log.warning("%s: tar is damaged or truncated after key %s (%s); indexed %d samples",
-                                tar_path, last_key, e, len(keys))
+                    log.warning("%s: tar is damaged or truncated after key %s (%s); indexed the samples "
+                                "before it", tar_path, entries[-1][0] if entries else None, e)
                     break
                 if ti is None:
                     break
                 if not ti.isreg():
                     continue
-                key, ext = split_member_name(ti.name)
+                name = normalize_member_name(ti.name)
+                if name is None:
+                    problems.append(("bad_member_name", repr(ti.name)))
+                    continue
+                key, ext = split_member_name(name)
                 if ti.offset_data + ti.size > file_size:
                     truncated = True
-                    if keys and keys[-1] == key:  # drop the sample's earlier members too
-                        keys.pop()
-                        members.pop()
+                    entries = [e for e in entries if e[0] != key]  # the sample's other members too
                     cut_key = key
-                    log.warning("%s: tar is truncated inside member %s; indexed %d samples",
-                                tar_path, ti.name, len(keys))
+                    log.warning("%s: tar is truncated inside member %s; indexed the samples before it",
+                                tar_path, ti.name)
                     break
                 if not key or key.endswith("/"):
-                    continue
-                if key != last_key:
-                    keys.append(key)
-                    members.append({})
-                    last_key = key
-                members[-1][ext] = (ti.offset_data, ti.size)
+                    continue  # a hidden file (".name")
+                entries.append((key, canonical_ext(ext), (ti.offset_data, ti.size)))
     except tarfile.ReadError as e:  # not a tar at all (or empty file)
         truncated = True
         log.warning("%s: cannot be read as a tar (%s); no samples", tar_path, e)
-    return ShardIndex(tar_path, keys, members, truncated=truncated, cut_key=cut_key, source="scan")
+    keys, members = _group_members(entries, problems)
+    return ShardIndex(tar_path, keys, members, truncated=truncated, cut_key=cut_key, source="scan",
+                      problems=problems)
 
 
 def load_index(tar_path: str, use_idx_file: bool = True) -> ShardIndex:

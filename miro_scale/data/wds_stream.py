@@ -48,13 +48,13 @@ class WdsStreamLoader(RowBuilder):
     webdataset), ``batch_size``, and as :class:`miro_scale.data.loader.WebDatasetLoader`:
     ``mode``, ``resolution``, ``reward_keys``, ``caption_source``, ``text_embeddings``,
     ``max_text_len``, ``rank``, ``world_size``, ``num_workers``, ``seed``, ``shuffle``,
-    ``latent_sample``, ``max_pixels``; plus ``shuffle_buffer`` (samples per worker buffer)."""
+    ``latent_std``, ``max_pixels``; plus ``shuffle_buffer`` (samples per worker buffer)."""
 
     def __init__(self, urls, batch_size: int, *, mode: str = "image", resolution: int = 256,
                  reward_keys: Sequence[str] = (), caption_source="txt", text_embeddings: bool = False,
                  max_text_len: int = 256, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 latent_sample: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 latent_std: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_warnings: int = 100):
         try:
             import webdataset  # noqa: F401
@@ -78,7 +78,7 @@ class WdsStreamLoader(RowBuilder):
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
-        self.latent_sample, self.max_pixels = bool(latent_sample), int(max_pixels)
+        self.latent_std, self.max_pixels = bool(latent_std), int(max_pixels)
         self.max_warnings, self._warned = max_warnings, 0
         self.stats: Counter = Counter()
         self.epoch = 0

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from miro_scale.atomic import write_text_atomic
 
 from .format import FORMAT_VERSION, IMAGE_EXTS
-from .tario import write_index_file
+from .tario import index_path_for, load_index, write_index_file
 
 MANIFEST_NAME = "manifest.json"
 
@@ -44,8 +43,14 @@ def encode_member(value: Any, ext: str, where: str = "") -> bytes:
 
 
 def check_key(key: str) -> None:
-    if not key or any(c in key for c in "./\\") or any(c.isspace() for c in key):
-        raise ValueError(f"sample key {key!r} must be non-empty, without '.', '/', '\\' or whitespace")
+    """Keys are kept as users' tools wrote them (directories, spaces, non-ASCII), so only what
+    cannot survive a tar round trip is refused: an empty key, a '.' in the basename (it would move
+    the key/extension split), a leading or trailing '/', '..' or '\\', control characters."""
+    base = key.rsplit("/", 1)[-1]
+    if (not key or not base or "." in base or key.startswith("/") or ".." in key.split("/") or "\\" in key
+            or any(ord(c) < 32 or ord(c) == 127 for c in key)):
+        raise ValueError(f"sample key {key!r} cannot be a shard key (empty, a '.' in its basename, "
+                         "a leading/trailing '/', '..', '\\' or control characters)")
 
 
 def keys_digest(keys) -> str:
@@ -60,9 +65,10 @@ def read_manifest(directory: str) -> dict | None:
         return json.load(f)
 
 
-def write_manifest(directory: str, entries: list, extra: Mapping | None = None) -> str:
-    """Write ``manifest.json`` atomically; ``entries`` replace same-named shards already listed."""
-    old = read_manifest(directory) or {}
+def write_manifest(directory: str, entries: list, extra: Mapping | None = None, replace: bool = False) -> str:
+    """Write ``manifest.json`` atomically; ``entries`` replace same-named shards already listed (or,
+    with ``replace``, the whole list). The same shards give the same bytes."""
+    old = {} if replace else (read_manifest(directory) or {})
     by_name = {e["name"]: e for e in old.get("shards", [])}
     for e in entries:
         by_name[e["name"]] = e
@@ -72,13 +78,74 @@ def write_manifest(directory: str, entries: list, extra: Mapping | None = None) 
         "num_samples": int(sum(e["num_samples"] for e in shards)),
         "num_shards": len(shards),
         "shards": shards,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if extra:
         manifest.update(extra)
     path = os.path.join(directory, MANIFEST_NAME)
-    write_text_atomic(path, json.dumps(manifest, indent=1))
+    write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+class TarSampleWriter:
+    """Writes samples into one tar (GNU format, members in a fixed order, mtime 0: the same samples
+    give the same bytes) and keeps each member's data offset for the DALI index."""
+
+    def __init__(self, fileobj):
+        self._tf = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT)
+        self.keys: list = []
+        self.members: list = []
+
+    @property
+    def offset(self) -> int:
+        return self._tf.offset
+
+    @staticmethod
+    def encode(key: str, members: Mapping[str, Any]) -> list:
+        """``[(ext, bytes)]`` in writing order; checks the key and extensions."""
+        check_key(key)
+        if not members:
+            raise ValueError(f"sample {key}: no members")
+        encoded = []
+        for ext in sorted(members, key=lambda e: (_ORDER.get(e, len(_ORDER)), e)):
+            if not ext or ext.startswith(".") or "/" in ext:
+                raise ValueError(f"sample {key}: bad extension {ext!r}")
+            encoded.append((ext, encode_member(members[ext], ext, where=key)))
+        return encoded
+
+    def write_encoded(self, key: str, encoded: list) -> None:
+        mem = {}
+        for ext, data in encoded:
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size = len(data)
+            ti.mtime = 0
+            ti.mode = 0o644
+            ti.uname = ti.gname = ""
+            self._tf.addfile(ti, io.BytesIO(data))
+            data_offset = self._tf.offset - (len(data) + 511) // 512 * 512
+            mem[ext] = (data_offset, len(data), ti.name)
+        self.keys.append(key)
+        self.members.append(mem)
+
+    def write(self, key: str, members: Mapping[str, Any]) -> None:
+        self.write_encoded(key, self.encode(key, members))
+
+    def close(self) -> None:
+        self._tf.close()
+
+
+def write_tar(path: str, samples, index_path: str | None = None) -> list:
+    """Write ``(key, {ext: value})`` samples to the tar ``path`` (fsynced), and its DALI index to
+    ``index_path`` when given. Returns the keys written."""
+    with open(path, "wb") as f:
+        w = TarSampleWriter(f)
+        for key, members in samples:
+            w.write(key, members)
+        w.close()
+        f.flush()
+        os.fsync(f.fileno())
+    if index_path is not None:
+        write_index_file(index_path, w.keys, w.members)
+    return w.keys
 
 
 class ShardWriter:
@@ -118,8 +185,6 @@ class ShardWriter:
         self._tf = None
         self._fobj = None
         self._tmp = None
-        self._keys: list = []
-        self._members: list = []
         self._closed = False
 
     # -- shard lifecycle -------------------------------------------------------------------------
@@ -129,8 +194,7 @@ class ShardWriter:
         self._final = os.path.join(self.out_dir, name)
         self._tmp = os.path.join(self.out_dir, f".{name}.tmp{os.getpid()}")
         self._fobj = open(self._tmp, "wb")
-        self._tf = tarfile.open(fileobj=self._fobj, mode="w", format=tarfile.GNU_FORMAT)
-        self._keys, self._members = [], []
+        self._tf = TarSampleWriter(self._fobj)
 
     def _finish(self) -> None:
         if self._tf is None:
@@ -143,48 +207,26 @@ class ShardWriter:
         os.replace(self._tmp, self._final)
         if self.write_index:
             write_index_file(self._final[:-4] + ".idx" if self._final.endswith(".tar")
-                             else self._final + ".idx", self._keys, self._members)
-        self.entries.append({"name": self._name, "num_samples": len(self._keys), "num_bytes": size,
-                             "keys_sha256": keys_digest(self._keys)})
+                             else self._final + ".idx", self._tf.keys, self._tf.members)
+        self.entries.append({"name": self._name, "num_samples": len(self._tf.keys), "num_bytes": size,
+                             "keys_sha256": keys_digest(self._tf.keys)})
         self.paths.append(self._final)
         self._tf = self._fobj = self._tmp = None
         self.shard_no += 1
-
-    @property
-    def _shard_bytes(self) -> int:
-        return self._tf.offset if self._tf is not None else 0
 
     # -- public ----------------------------------------------------------------------------------
     def write(self, key: str, members: Mapping[str, Any]) -> None:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        check_key(key)
-        if not members:
-            raise ValueError(f"sample {key}: no members")
-        encoded = []
-        for ext in sorted(members, key=lambda e: (_ORDER.get(e, len(_ORDER)), e)):
-            if not ext or ext.startswith("."):
-                raise ValueError(f"sample {key}: bad extension {ext!r}")
-            encoded.append((ext, encode_member(members[ext], ext, where=key)))
+        encoded = TarSampleWriter.encode(key, members)
         sample_bytes = sum(512 + (len(d) + 511) // 512 * 512 for _, d in encoded)
-        if self._tf is not None and self._keys and (
-                (self.max_samples is not None and len(self._keys) >= self.max_samples)
-                or (self.max_bytes is not None and self._shard_bytes + sample_bytes > self.max_bytes)):
+        if self._tf is not None and self._tf.keys and (
+                (self.max_samples is not None and len(self._tf.keys) >= self.max_samples)
+                or (self.max_bytes is not None and self._tf.offset + sample_bytes > self.max_bytes)):
             self._finish()
         if self._tf is None:
             self._open()
-        mem = {}
-        for ext, data in encoded:
-            ti = tarfile.TarInfo(f"{key}.{ext}")
-            ti.size = len(data)
-            ti.mtime = 0
-            ti.mode = 0o644
-            ti.uname = ti.gname = ""
-            self._tf.addfile(ti, io.BytesIO(data))
-            data_offset = self._tf.offset - (len(data) + 511) // 512 * 512
-            mem[ext] = (data_offset, len(data), ti.name)
-        self._keys.append(key)
-        self._members.append(mem)
+        self._tf.write_encoded(key, encoded)
 
     def close(self) -> list:
         """Finish the open shard and write the manifest; returns the manifest entries written."""
@@ -219,3 +261,20 @@ class ShardWriter:
         else:
             self.abort()
         return False
+
+
+def index_shards(paths, progress: bool = True) -> list:
+    """Write DALI .idx files and a manifest.json for existing shards (in each shard's directory)."""
+    from tqdm import tqdm
+
+    by_dir: dict = {}
+    for p in tqdm(paths, desc="index", disable=not progress):
+        idx = load_index(p, use_idx_file=False)
+        keys = idx.keys
+        write_index_file(index_path_for(p), keys, idx.members)
+        by_dir.setdefault(os.path.dirname(os.path.abspath(p)), []).append(
+            {"name": os.path.basename(p), "num_samples": len(idx), "num_bytes": os.path.getsize(p),
+             "keys_sha256": keys_digest(keys), **({"truncated": True} if idx.truncated else {})})
+    for d, entries in by_dir.items():
+        write_manifest(d, entries)
+    return [e for es in by_dir.values() for e in es]

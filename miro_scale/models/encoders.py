@@ -35,18 +35,20 @@ class T5TextEncoder(nn.Module):
     """FLAN-T5 encoder (transformers T5EncoderModel) with its tokenizer; prompts padded to max_length."""
 
     def __init__(self, name_or_path: str = "google/flan-t5-xl", max_length: int = 77,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 padding: str = "max_length"):
         super().__init__()
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.model = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
         self.max_length = max_length
+        self.padding = padding  # "longest" pads a batch only to its longest prompt (precomputing)
         self.dim = self.model.config.d_model
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+        tokens = self.tokenizer(list(prompts), padding=self.padding, truncation=True,
                                 max_length=self.max_length, return_tensors="pt").to(self.model.device)
         hidden = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         mask = tokens.attention_mask.bool()
@@ -148,15 +150,18 @@ def build_autoencoder(kind: str, name_or_path: str, **kwargs) -> Autoencoder:
 
 
 
-def text_encoder_from_config(cfg, device, max_length: int | None = None) -> TextEncoder:
+def text_encoder_from_config(cfg, device, max_length: int | None = None,
+                             padding: str = "max_length") -> TextEncoder:
     """The config's text encoder, frozen and in eval mode on `device`. max_length overrides the
-    T5 tokenisation length (sampling uses 77); the small encoder's length and width are part of
-    its architecture, so it always takes text_encoder.max_length and model.text_dim."""
+    T5 tokenisation length (sampling uses 77, precomputed embeddings data.max_text_len) and padding
+    its padding ("longest" when precomputing); the small encoder's length and width are part of its
+    architecture, so it always takes text_encoder.max_length and model.text_dim."""
     te = cfg.text_encoder
     if te.kind == "small":
         encoder = build_text_encoder(te.kind, te.name_or_path, te.max_length, dim=cfg.model.text_dim)
     else:
-        encoder = build_text_encoder(te.kind, te.name_or_path, max_length or te.max_length, device=device)
+        encoder = build_text_encoder(te.kind, te.name_or_path, max_length or te.max_length, device=device,
+                                     padding=padding)
     return encoder.to(device).eval().requires_grad_(False)
 
 

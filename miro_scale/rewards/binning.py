@@ -3,6 +3,8 @@
 Strategies (B = --bins):
   quantile  B equal-population bins: inner edges at the k/B quantiles (k = 1..B-1) of up to
             `calibration_size` finite raw scores drawn uniformly at random (seeded) from all shards.
+            The draw streams over the shards' score tables (a bounded reservoir: memory does not
+            grow with the dataset).
   refined   MIRO's "refined quantile" ablation, as its released code builds it: the first B - r
             quantile bins, then the top r/B of the population split into r * f equal-population bins
             (defaults r = 8, f = 2: 56 + 16 = 72 bins in all).
@@ -33,12 +35,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from miro_scale.atomic import write_bytes_atomic
 
 STRATEGIES = ("quantile", "refined", "uniform")
 MISSING_POLICIES = ("drop", "median", "nan")
@@ -135,44 +138,76 @@ def reward_columns_of(names: Sequence[str]) -> Dict[str, List[str]]:
     return groups
 
 
-def fit_bins(table, num_bins: int = 64, strategy: str = "quantile", calibration_size: int = 100_000,
+class _Reservoir:
+    """A uniform random sample without replacement of at most ``size`` values from a stream: every
+    value gets a random priority and the ``size`` smallest priorities are kept (memory O(size))."""
+
+    def __init__(self, size: int, seed: int, key: str):
+        self.size, self.seed, self.key = int(size), int(seed), key
+        self.values = np.zeros(0, np.float64)
+        self.priority = np.zeros(0, np.float64)
+        self.n_total = self.n_missing = 0
+        self.columns: List[str] = []
+
+    def add(self, vals: np.ndarray, part: int) -> None:
+        finite = vals[np.isfinite(vals)]
+        self.n_total += int(vals.size)
+        self.n_missing += int(vals.size - finite.size)
+        salt = int.from_bytes(hashlib.sha256(self.key.encode()).digest()[:4], "little")
+        prio = np.random.default_rng([self.seed, part, salt]).random(finite.size)
+        values = np.concatenate([self.values, finite])
+        priority = np.concatenate([self.priority, prio])
+        if values.size > self.size:
+            keep = np.argpartition(priority, self.size - 1)[: self.size]
+            values, priority = values[keep], priority[keep]
+        self.values, self.priority = values, priority
+
+    def sample(self) -> np.ndarray:
+        return np.sort(self.values)
+
+
+def fit_bins(tables, num_bins: int = 64, strategy: str = "quantile", calibration_size: int = 100_000,
              seed: int = 0, refine_last: int = 8, refine_factor: int = 2, unique_values: bool = False,
              rewards: Optional[Sequence[str]] = None, reward_meta: Optional[dict] = None) -> Dict[str, RewardBins]:
-    """Fit bins per reward from a pyarrow table of scores (see scoring.read_scores)."""
+    """Fit bins per reward from pyarrow score tables: one table, or an iterable of them (e.g. one per
+    shard, read one at a time: memory stays bounded by one table plus the calibration sample)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if num_bins < 2:
         raise ValueError(f"bins must be >= 2, got {num_bins}")
-    groups = reward_columns_of(table.column_names)
+    if hasattr(tables, "column_names"):
+        tables = [tables]
+    reservoirs: Dict[str, _Reservoir] = {}
+    for part, table in enumerate(tables):
+        for key, cols in reward_columns_of(table.column_names).items():
+            if rewards is not None and key not in rewards:
+                continue
+            r = reservoirs.setdefault(key, _Reservoir(calibration_size, seed, key))
+            r.columns += [c for c in cols if c not in r.columns]
+            r.add(np.concatenate([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                                  for c in cols]), part)
     if rewards is not None:
-        missing = [r for r in rewards if r not in groups]
+        missing = [r for r in rewards if r not in reservoirs]
         if missing:
-            raise KeyError(f"rewards {missing} are not in the scores (have {sorted(groups)})")
-        groups = {k: v for k, v in groups.items() if k in rewards}
+            raise KeyError(f"rewards {missing} are not in the scores (have {sorted(reservoirs)})")
     reward_meta = reward_meta or {}
     nb = total_bins(num_bins, strategy, refine_last, refine_factor)
     out: Dict[str, RewardBins] = {}
-    for key in sorted(groups):
-        cols = groups[key]
-        vals = np.concatenate([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in cols])
-        finite = vals[np.isfinite(vals)]
-        rng = np.random.default_rng(seed)
-        if finite.size > calibration_size:
-            sample = finite[np.sort(rng.choice(finite.size, calibration_size, replace=False))]
-        else:
-            sample = finite
+    for key in sorted(reservoirs):
+        res = reservoirs[key]
+        sample = res.sample()
         meta = reward_meta.get(key, {})
-        rb = RewardBins(key=key, strategy=strategy, num_bins=nb, edges=[], n_total=int(vals.size),
-                        n_missing=int(vals.size - finite.size), n_calibration=int(sample.size),
+        rb = RewardBins(key=key, strategy=strategy, num_bins=nb, edges=[], n_total=res.n_total,
+                        n_missing=res.n_missing, n_calibration=int(sample.size),
                         model_id=str(meta.get("model_id", "")), checkpoint_digest=str(meta.get("checkpoint_digest", "")),
-                        columns=list(cols))
+                        columns=list(res.columns))
         if sample.size == 0:
             rb.empty = True
             rb.edges = [float("nan")] * (nb - 1)
         else:
             edges = compute_edges(sample, num_bins, strategy, refine_last, refine_factor, unique_values)
             rb.edges = [float(e) for e in edges]
-            rb.lo, rb.hi = float(sample.min()), float(sample.max())
+            rb.lo, rb.hi = float(sample[0]), float(sample[-1])
             rb.median = float(np.median(sample))
             rb.constant = bool(rb.lo == rb.hi)
         out[key] = rb
@@ -188,22 +223,18 @@ def edges_digest(bins: Dict[str, RewardBins]) -> str:
 
 
 def save_bins(path: str, bins: Dict[str, RewardBins], **info) -> dict:
+    """Write bins.json atomically and return its content."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
         if isinstance(x, list):
             return [clean(v) for v in x]
         return x
-    doc = {"version": BINS_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           **info, "edges_sha256": edges_digest(bins),
+    doc = {"version": BINS_VERSION, **info, "edges_sha256": edges_digest(bins),
            "rewards": {k: {f: clean(v) for f, v in asdict(b).items()} for k, b in bins.items()}}
     for k, b in bins.items():
         doc["rewards"][k]["median_bin"] = b.median_bin
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(p)
+    write_bytes_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode())
     return doc
 
 
@@ -256,21 +287,23 @@ def apply_bins(table, bins: Dict[str, RewardBins], missing: str = "drop"):
     return t
 
 
-def sidecar_json(table_binned, num_bins_of: Dict[str, int]) -> dict:
-    """The binned table as {key: {"rewards": {column: {"raw", "bin", "value"}}}}, the json layout the
-    shard format (miro_scale.data.format) uses for rewards."""
+def rewards_by_key(table_binned) -> dict:
+    """A binned table (:func:`apply_bins`) as ``{key: {column: {"raw", "bin", "value"}}}``, the
+    layout of the shard format's json rewards. A missing reward (policy ``nan``) has ``bin`` and
+    ``value`` None (loaders skip the sample as ``missing_reward``); a non-finite raw score is None;
+    an imputed one (policy ``median``) carries ``"imputed": true``."""
     cols = table_binned.column_names
-    rewards = sorted({c.rsplit(".", 1)[0] for c in cols if c != "key"})
-    keys = table_binned.column("key").to_pylist()
-    data = {c: table_binned.column(c).to_pylist() for c in cols if c != "key"}
+    rewards = [c[: -len(".bin")] for c in cols if c.endswith(".bin")]
+    data = {c: table_binned.column(c).to_numpy(zero_copy_only=False) for c in cols if c != "key"}
     out = {}
-    for i, k in enumerate(keys):
+    for i, k in enumerate(table_binned.column("key").to_pylist()):
         ent = {}
         for r in rewards:
-            raw = data[f"{r}.raw"][i]
-            b = int(data[f"{r}.bin"][i])
-            nb = num_bins_of[base_key(r)]
-            ent[r] = {"raw": None if raw is None or not math.isfinite(raw) else float(raw), "bin": b,
-                      "value": None if b < 0 else float(b / (nb - 1))}
-        out[k] = {"rewards": ent}
+            raw, b, v = float(data[f"{r}.raw"][i]), int(data[f"{r}.bin"][i]), float(data[f"{r}.value"][i])
+            e = {"raw": raw if math.isfinite(raw) else None, "bin": b if b >= 0 else None,
+                 "value": v if b >= 0 and math.isfinite(v) else None}
+            if f"{r}.imputed" in data and bool(data[f"{r}.imputed"][i]):
+                e["imputed"] = True
+            ent[r] = e
+        out[k] = ent
     return out

@@ -1,26 +1,28 @@
-"""Distributed, resumable reward scoring of webdataset shards.
+"""Distributed, resumable reward scoring of webdataset shards (the score stage).
 
-One process per device (torchrun); shards are split deterministically: shard i of the expanded list
-goes to global rank i % WORLD_SIZE. Each shard's result is `{out}/{stem}.parquet`, written to a temp
-file and renamed, so it exists only when complete: a rerun skips finished shards and a killed run
-loses at most the shards in flight.
+Runs on the shard-job runner (:mod:`miro_scale.shard_jobs`): one process per device (torchrun),
+shard i of the list goes to global rank i % WORLD_SIZE, ``{out}/{stem}.scores.parquet`` is written
+atomically with a done record naming the source tar, so a rerun skips finished shards, a killed run
+loses at most the shards in flight, and another dataset's scores are never taken as done.
 
 Per sample the image is decoded once; each preprocessing View needed by the active rewards is
 computed once and shared. Rewards that need text encode each image batch once and score every
 caption source against the same image features. Broken images, captions or reward failures become
-rows with a status, never a crash.
+rows with a status, never a crash; an unreadable or truncated tar fails its shard (retried by the
+next run).
 
 Output columns: key, status ("ok" or a ";"-joined list of failure kinds), error (first message or
 null), then one float32 column per reward (NaN where it could not be computed). A caption-dependent
 reward scored against several caption sources gets `{reward}` for the first source and
 `{reward}@{source}` for the others. The parquet schema metadata `miro_scoring` records the rewards'
-model ids and checkpoint digests; `{stem}.stats.json` beside it has counts and timings.
+model ids and checkpoint digests and the caption sources. Captions are read from the sample (txt,
+json ``captions``) and from the caption stage's sidecars (``captions_dir``); ``<PERSON>`` tags are
+removed before scoring, as the release did.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -31,14 +33,16 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from miro_scale.atomic import write_bytes_atomic
+from miro_scale import shard_jobs
+from miro_scale.data.sidecars import (check_sidecar, iter_members, open_source_shard, read_captions,
+                                      sample_captions, sample_meta)
 
 from .base import Reward, View
-from .scores_io import read_scores, scoring_metadata, write_table_atomic  # noqa: F401
 from .registry import build_reward, canonical_key
+from .scores_io import write_table_atomic
 
 STATUS_OK = "ok"
-SUMMARY_NAME = "summary.json"
+STAGE = "score"
 
 
 @dataclass
@@ -47,7 +51,8 @@ class ScoreConfig:
     rewards: List[str]
     out_dir: str
     groups: Optional[List[List[str]]] = None      # passes of rewards; default: one pass with all
-    captions: List[str] = field(default_factory=lambda: ["txt"])  # caption sources (see data.format.choose_caption)
+    caption_sources: List[str] = field(default_factory=lambda: ["txt"])  # see data.format.choose_caption
+    captions_dir: Optional[str] = None            # the caption stage's sidecars (preprocessing/caption.py)
     variant: str = "pretrained"
     reward_kwargs: Dict[str, dict] = field(default_factory=dict)
     batch_sizes: Dict[str, int] = field(default_factory=dict)
@@ -59,33 +64,12 @@ class ScoreConfig:
     progress: bool = True
     rank: Optional[int] = None
     world_size: Optional[int] = None
+    retries: int = 1
     draft_decode: bool = False     # JPEG DCT-domain downscaling to >= the largest view (faster on big
                                    # images; values then differ slightly from full-resolution decoding)
     debug_delay: float = 0.0       # seconds to sleep per chunk (tests of kill/resume)
 
 
-# ----------------------------------------------------------------------------- shards
-def shard_stem(path: str) -> str:
-    name = os.path.basename(path)
-    return name[:-4] if name.endswith(".tar") else name
-
-
-def assign_shards(shards: Sequence[str], rank: int, world_size: int) -> List[str]:
-    stems = [shard_stem(s) for s in shards]
-    dup = {s for s in stems if stems.count(s) > 1}
-    if dup:
-        raise ValueError(f"shard names collide in the output directory: {sorted(dup)[:5]}")
-    return [s for i, s in enumerate(shards) if i % world_size == rank]
-
-
-def output_path(out_dir: str, shard: str, group: Optional[int] = None) -> Path:
-    stem = shard_stem(shard)
-    if group is None:
-        return Path(out_dir) / f"{stem}.parquet"
-    return Path(out_dir) / "_parts" / f"{stem}.g{group}.parquet"
-
-
-# ----------------------------------------------------------------------------- io helpers
 def _rows_to_table(rows: Dict[str, list], reward_cols: List[str], meta: dict):
     import pyarrow as pa
     cols = {"key": pa.array(rows["key"], pa.string()), "status": pa.array(rows["status"], pa.string()),
@@ -93,7 +77,7 @@ def _rows_to_table(rows: Dict[str, list], reward_cols: List[str], meta: dict):
     for c in reward_cols:
         cols[c] = pa.array(np.asarray(rows[c], dtype=np.float32), pa.float32())
     t = pa.table(cols)
-    return t.replace_schema_metadata({"miro_scoring": json.dumps(meta)})
+    return t.replace_schema_metadata({"miro_scoring": json.dumps(meta, sort_keys=True)})
 
 
 # ----------------------------------------------------------------------------- sample preparation
@@ -107,41 +91,26 @@ class Prepared:
 
 
 def _prepare(key: str, members: dict, where: str, views: Sequence[View], caption_sources: Sequence[str],
-             min_size: int) -> Prepared:
+             min_size: int, sidecar_captions: Optional[dict] = None) -> Prepared:
     from miro_scale.data.decode import decode_image
-    from miro_scale.data.format import SampleError, choose_caption, image_ext, parse_json
+    from miro_scale.data.format import SampleError, clean_caption, image_ext
     failures: List[str] = []
     error: Optional[str] = None
     out_views: Dict[str, object] = {}
-    caps: Dict[str, Optional[str]] = {s: None for s in caption_sources}
-    # captions
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = parse_json(members["json"], where)
-        except SampleError as e:
-            meta = {}
-            if any(s != "txt" for s in caption_sources) or "txt" not in members:
-                failures.append(e.reason)
-                error = error or str(e)
-    txt = None
-    if "txt" in members:
-        try:
-            txt = members["txt"].decode("utf-8")
-        except UnicodeDecodeError as e:
-            failures.append("bad_txt")
-            error = error or f"{where}: txt is not UTF-8 ({e})"
-    for s in caption_sources:
-        try:
-            c = choose_caption(txt, meta, s, where)
-            if not c.strip():
-                raise SampleError("empty_caption", f"{where}: caption {s!r} is empty")
-            caps[s] = c
-        except SampleError as e:
-            if e.reason not in failures:
-                failures.append(e.reason)
-            error = error or str(e)
-    # image
+    try:
+        meta = sample_meta(members, where, sidecar_captions)
+    except SampleError as e:
+        meta = sample_meta({}, where, sidecar_captions)
+        if any(s != "txt" for s in caption_sources) or "txt" not in members:
+            failures.append(e.reason)
+            error = str(e)
+    found, errors = sample_captions(members, meta, where, caption_sources)
+    caps: Dict[str, Optional[str]] = {s: (clean_caption(found[s]) if s in found else None)
+                                      for s in caption_sources}
+    for e in errors.values():
+        if e.reason not in failures:
+            failures.append(e.reason)
+        error = error or str(e)
     ext = image_ext(members)
     if ext is None:
         failures.append("missing_image")
@@ -194,7 +163,7 @@ class ShardScorer:
             views.setdefault(r.view.name, r.view)
         self.views = list(views.values())
         self.min_size = (max(v.size for v in self.views) if self.views else 0) if cfg.draft_decode else None
-        self.cols = reward_columns(self.rewards, cfg.captions)
+        self.cols = reward_columns(self.rewards, cfg.caption_sources)
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
         self.prefetch = ThreadPoolExecutor(1) if cfg.num_workers > 0 else None
         if device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
@@ -212,8 +181,8 @@ class ShardScorer:
 
     def _run_reward(self, r: Reward, items: List[Prepared], rows: Dict[str, list], base: int,
                     timing: Dict[str, list]):
-        srcs = self.cfg.captions if r.needs_text else self.cfg.captions[:1]
-        first = self.cfg.captions[0]
+        srcs = self.cfg.caption_sources if r.needs_text else self.cfg.caption_sources[:1]
+        first = self.cfg.caption_sources[0]
         valid = [i for i, p in enumerate(items) if r.view.name in p.views]
         if r.needs_text:
             # bucket by caption length (first available source) so batches pad little
@@ -279,32 +248,25 @@ class ShardScorer:
         if rows["error"][row] is None:
             rows["error"][row] = msg
 
-    def score_shard(self, shard: str, progress=None) -> tuple:
-        from miro_scale.data.tario import iter_samples
+    def score_shard(self, shard: str, captions: Optional[dict] = None, progress=None) -> tuple:
+        """Score one source shard: (rows, counts, timing). ``captions``: the caption sidecar's
+        ``{key: {name: text}}``."""
         rows: Dict[str, list] = {"key": [], "status": [], "error": []}
         for c in self.cols:
             rows[c] = []
         timing = {r.key: [0.0, 0] for r in self.rewards}
-        failures: Dict[str, int] = {}
         t_start = time.perf_counter()
         decode_s = 0.0
-        stem = shard_stem(shard)
+        stem = shard_jobs.shard_stem(shard)
+        idx = open_source_shard(shard)
+        captions = captions or {}
 
         def prep(kv):
             key, members = kv
-            return _prepare(key, members, f"{stem}:{key}", self.views, self.cfg.captions, self.min_size)
+            return _prepare(key, members, f"{stem}:{key}", self.views, self.cfg.caption_sources, self.min_size,
+                            captions.get(key))
 
-        from miro_scale.data.tario import load_index
-        try:
-            n_index = len(load_index(shard).keys)
-            sample_iter = iter_samples(shard)
-        except Exception as e:
-            raise RuntimeError(f"{shard}: cannot index the shard ({type(e).__name__}: {e})") from e
-        if n_index == 0 and os.path.getsize(shard) > 0:
-            import tarfile
-            if not tarfile.is_tarfile(shard):
-                raise RuntimeError(f"{shard}: not a tar file ({os.path.getsize(shard)} bytes, no readable sample)")
-        chunks = _chunks(sample_iter, self.cfg.chunk_size)
+        chunks = _chunks(iter_members(shard, idx), self.cfg.chunk_size)
 
         def load_next():  # runs in the prefetch thread: reads and decodes the next chunk
             chunk = next(chunks, None)
@@ -335,17 +297,20 @@ class ShardScorer:
                 time.sleep(self.cfg.debug_delay)
             if progress is not None:
                 progress.update(len(items))
+        failures: Dict[str, int] = {}
         for st in rows["status"]:
             if st != STATUS_OK:
                 for k in st.split(";"):
                     failures[k] = failures.get(k, 0) + 1
+        for reason, name in idx.problems:  # left out of the index: not rows, but counted and named
+            failures[reason] = failures.get(reason, 0) + 1
         n = len(rows["key"])
-        stats = {
-            "shard": shard, "num_samples": n, "num_ok": sum(1 for s in rows["status"] if s == STATUS_OK),
-            "failures": failures, "seconds": time.perf_counter() - t_start, "decode_wait_seconds": decode_s,
-            "rewards": {k: {"seconds": v[0], "images": v[1]} for k, v in timing.items()},
-        }
-        return rows, stats
+        counts = {"samples": n, "ok": sum(1 for s in rows["status"] if s == STATUS_OK), "failures": failures,
+                  "left_out": [f"{reason}:{name}" for reason, name in idx.problems],
+                  "rewards": {k: {"images": v[1]} for k, v in timing.items()}}
+        timing_out = {"total": time.perf_counter() - t_start, "decode_wait": decode_s,
+                      "rewards": {k: v[0] for k, v in timing.items()}}
+        return rows, counts, timing_out
 
 
 def _select(feats, sel):
@@ -361,118 +326,6 @@ def _select(feats, sel):
 
 
 # ----------------------------------------------------------------------------- driver
-def _dist_env(cfg: ScoreConfig):
-    rank = cfg.rank if cfg.rank is not None else int(os.environ.get("RANK", 0))
-    world = cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    return rank, world, local
-
-
-def _merge_parts(shard: str, out_dir: str, ngroups: int) -> bool:
-    import pyarrow.parquet as pq
-    import pyarrow as pa
-    parts = [output_path(out_dir, shard, g) for g in range(ngroups)]
-    if not all(p.exists() for p in parts):
-        return False
-    tables = [pq.read_table(p) for p in parts]
-    keys = tables[0].column("key").to_pylist()
-    status = tables[0].column("status").to_pylist()
-    error = tables[0].column("error").to_pylist()
-    cols = {}
-    metas = []
-    for p, t in zip(parts, tables):
-        if t.column("key").to_pylist() != keys:
-            raise RuntimeError(f"{p}: keys differ from {parts[0]} (shard changed between passes?)")
-        for i, (s, e) in enumerate(zip(t.column("status").to_pylist(), t.column("error").to_pylist())):
-            if s != STATUS_OK:
-                kinds = [] if status[i] == STATUS_OK else status[i].split(";")
-                for k in s.split(";"):
-                    if k not in kinds:
-                        kinds.append(k)
-                status[i] = ";".join(kinds)
-                error[i] = error[i] or e
-        for name in t.column_names:
-            if name not in ("key", "status", "error"):
-                cols[name] = t.column(name)
-        metas.append(json.loads(t.schema.metadata[b"miro_scoring"]))
-    meta = {"shard": shard, "rewards": {k: v for m in metas for k, v in m["rewards"].items()},
-            "captions": metas[0]["captions"]}
-    table = pa.table({"key": pa.array(keys, pa.string()), "status": pa.array(status, pa.string()),
-                      "error": pa.array(error, pa.string()), **cols})
-    table = table.replace_schema_metadata({"miro_scoring": json.dumps(meta)})
-    # stats: merge the per-group stats files
-    stats = None
-    for g in range(ngroups):
-        sp = Path(str(parts[g]) + ".stats.json")
-        s = json.loads(sp.read_text())
-        if stats is None:
-            stats = s
-            stats["seconds"] = s["seconds"]
-        else:
-            stats["rewards"].update(s["rewards"])
-            stats["seconds"] += s["seconds"]
-            stats["decode_wait_seconds"] += s["decode_wait_seconds"]
-    fails: Dict[str, int] = {}
-    for st in status:
-        if st != STATUS_OK:
-            for k in st.split(";"):
-                fails[k] = fails.get(k, 0) + 1
-    stats["failures"] = fails
-    stats["num_ok"] = sum(1 for s in status if s == STATUS_OK)
-    final = output_path(out_dir, shard)
-    write_bytes_atomic(Path(str(final)[: -len(".parquet")] + ".stats.json"), json.dumps(stats).encode())
-    write_table_atomic(table, final)
-    for p in parts:
-        p.unlink(missing_ok=True)
-        Path(str(p) + ".stats.json").unlink(missing_ok=True)
-    return True
-
-
-def error_path(out_dir: str, shard: str) -> Path:
-    return Path(out_dir) / f"{shard_stem(shard)}.error.json"
-
-
-def stats_path(out_dir: str, shard: str) -> Path:
-    return Path(out_dir) / f"{shard_stem(shard)}.stats.json"
-
-
-def summarize(out_dir: str, shards: Sequence[str], run_info: dict) -> dict:
-    n = ok = 0
-    fails: Dict[str, int] = {}
-    per_reward: Dict[str, list] = {}
-    done, missing, failed = [], [], {}
-    wait = 0.0
-    for s in shards:
-        sp = stats_path(out_dir, s)
-        if not output_path(out_dir, s).exists() or not sp.exists():
-            missing.append(s)
-            ep = error_path(out_dir, s)
-            if ep.exists():
-                failed[s] = json.loads(ep.read_text())["error"]
-            continue
-        st = json.loads(sp.read_text())
-        done.append(s)
-        n += st["num_samples"]
-        ok += st["num_ok"]
-        for k, v in st["failures"].items():
-            fails[k] = fails.get(k, 0) + v
-        wait += st.get("decode_wait_seconds", 0.0)
-        for k, v in st["rewards"].items():
-            a = per_reward.setdefault(k, [0.0, 0])
-            a[0] += v["seconds"]
-            a[1] += v["images"]
-    summary = {
-        "num_shards": len(shards), "shards_done": len(done), "shards_missing": missing, "shards_failed": failed,
-        "num_samples": n, "num_ok": ok, "num_failed": n - ok, "failures_by_kind": dict(sorted(fails.items())),
-        "decode_wait_seconds": round(wait, 3),  # scorer idle, waiting for decoded images (all shards)
-        "rewards": {k: {"images": v[1], "seconds": round(v[0], 4),
-                        "images_per_s": (v[1] / v[0]) if v[0] > 0 else None} for k, v in per_reward.items()},
-        **run_info,
-    }
-    write_bytes_atomic(Path(out_dir) / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
-    return summary
-
-
 def parse_groups(groups: Optional[str], rewards: Sequence[str]) -> List[List[str]]:
     if not groups:
         return [list(rewards)]
@@ -483,9 +336,69 @@ def parse_groups(groups: Optional[str], rewards: Sequence[str]) -> List[List[str
     return out
 
 
+def _params(cfg: ScoreConfig, keys: Sequence[str]) -> dict:
+    return {"rewards": list(keys), "caption_sources": cfg.caption_sources, "variant": cfg.variant,
+            "reward_kwargs": {k: cfg.reward_kwargs.get(k, {}) for k in keys},
+            "weights_dtype": cfg.weights_dtype, "draft_decode": cfg.draft_decode,
+            "captions_dir": os.path.abspath(cfg.captions_dir) if cfg.captions_dir else None}
+
+
+def _merge_parts(task: shard_jobs.ShardTask, parts_dir: Path, ngroups: int) -> dict:
+    """The merge pass of a multi-group run: the groups' part files of one shard as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    tables, recs = [], []
+    for g in range(ngroups):
+        stage = f"{STAGE}-g{g}"
+        rec = shard_jobs.read_record(parts_dir, stage, task.stem)
+        if rec is None or rec["source"] != task.source:
+            raise shard_jobs.ShardError(f"{task.shard}: group {g}'s scores are missing or stale")
+        tables.append(pq.read_table(parts_dir / f"{task.stem}.g{g}.parquet"))
+        recs.append(rec)
+    keys = tables[0].column("key").to_pylist()
+    status = tables[0].column("status").to_pylist()
+    error = tables[0].column("error").to_pylist()
+    cols, meta_rewards = {}, {}
+    for g, t in enumerate(tables):
+        if t.column("key").to_pylist() != keys:
+            raise shard_jobs.ShardError(f"{task.shard}: group {g} has other keys than group 0")
+        for i, (st, e) in enumerate(zip(t.column("status").to_pylist(), t.column("error").to_pylist())):
+            if st != STATUS_OK:
+                kinds = [] if status[i] == STATUS_OK else status[i].split(";")
+                status[i] = ";".join(dict.fromkeys(kinds + st.split(";")))
+                error[i] = error[i] or e
+        cols.update({n: t.column(n) for n in t.column_names if n not in ("key", "status", "error")})
+        meta_rewards.update(json.loads(t.schema.metadata[b"miro_scoring"])["rewards"])
+    meta = json.loads(tables[0].schema.metadata[b"miro_scoring"])
+    meta["rewards"] = meta_rewards
+    table = pa.table({"key": pa.array(keys, pa.string()), "status": pa.array(status, pa.string()),
+                      "error": pa.array(error, pa.string()), **cols})
+    write_table_atomic(table.replace_schema_metadata({"miro_scoring": json.dumps(meta, sort_keys=True)}),
+                       task.path("{stem}.scores.parquet"))
+    counts: dict = {}
+    for rec in recs:
+        shard_jobs._sum_into(counts, {"rewards": rec["counts"]["rewards"]})
+    failures: Dict[str, int] = {}
+    for st in status:
+        if st != STATUS_OK:
+            for k in st.split(";"):
+                failures[k] = failures.get(k, 0) + 1
+    for item in recs[0]["counts"].get("left_out", []):
+        reason = item.split(":", 1)[0]
+        failures[reason] = failures.get(reason, 0) + 1
+    timing: dict = {}
+    for rec in recs:
+        shard_jobs._sum_into(timing, {k: v for k, v in rec["timing"].items() if k != "seconds"})
+    return {"samples": len(keys), "ok": status.count(STATUS_OK), "failures": failures,
+            "left_out": recs[0]["counts"].get("left_out", []), "rewards": counts["rewards"], "timing": timing}
+
+
 def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
-    import torch.distributed as dist
-    rank, world, local = _dist_env(cfg)
+    """Score every shard (this rank's share); returns the summary on rank 0."""
+    rank, world = shard_jobs.dist_env()
+    rank = cfg.rank if cfg.rank is not None else rank
+    world = cfg.world_size if cfg.world_size is not None else world
+    local = int(os.environ.get("LOCAL_RANK", 0))
     cfg.rewards = [canonical_key(k) for k in cfg.rewards]
     if cfg.device:
         device = torch.device(cfg.device)
@@ -495,93 +408,81 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    initialized_here = False
-    if world > 1 and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
-        from datetime import timedelta
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(hours=48))
-        initialized_here = True
     groups = [[canonical_key(k) for k in g] for g in (cfg.groups or [cfg.rewards])]
     if sorted(k for g in groups for k in g) != sorted(cfg.rewards):
         raise ValueError(f"groups {groups} must partition the rewards {cfg.rewards}")
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    mine = assign_shards(cfg.shards, rank, world)
-    # stale temp files of ours from a killed run
-    for p in list(Path(cfg.out_dir).glob(".*.tmp.*")) + list(Path(cfg.out_dir).glob("_parts/.*.tmp.*")):
-        if any(p.name.startswith(f".{shard_stem(s)}.") for s in mine):
-            p.unlink(missing_ok=True)
-    todo = [s for s in mine if not output_path(cfg.out_dir, s).exists()]
-    ngroups = len(groups)
-    t_run = time.perf_counter()
-    images_this_run = 0
-    if todo:
-        from tqdm import tqdm
-        total = None
-        try:  # a total only when index files make it cheap (no scan of every tar before starting)
-            from miro_scale.data.tario import index_path_for, load_index
-            if all(os.path.exists(index_path_for(s)) for s in todo):
-                total = sum(len(load_index(s).keys) * sum(1 for g in range(ngroups)
-                            if ngroups == 1 or not output_path(cfg.out_dir, s, g).exists()) for s in todo)
-        except Exception:
-            total = None
-        bar = tqdm(total=total, unit="img", desc=f"rank {rank}", position=rank, dynamic_ncols=True,
-                   disable=not cfg.progress, file=sys.stderr)
-        for g, keys in enumerate(groups):
-            pending = [s for s in todo if ngroups == 1 or not output_path(cfg.out_dir, s, g).exists()]
-            if not pending:
-                continue
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.weights_dtype]
-            rewards = []
-            for k in keys:
-                r = build_reward(k, cfg.variant, device=device, dtype=dtype, **cfg.reward_kwargs.get(k, {}))
-                if dtype != torch.float32:
-                    for m in r.modules():
-                        m.to(dtype=dtype)
-                rewards.append(r)
-            scorer = ShardScorer(rewards, cfg, device)
-            meta_rewards = {r.key: r.info() for r in rewards}
-            for shard in pending:
-                bar.set_postfix_str(shard_stem(shard))
-                try:
-                    rows, stats = scorer.score_shard(shard, bar)
-                except Exception as e:  # an unreadable shard: recorded, left for a rerun, not fatal
-                    msg = f"{shard}: {type(e).__name__}: {e}"
-                    print(f"[rank {rank}] shard failed, skipped: {msg}", file=sys.stderr, flush=True)
-                    write_bytes_atomic(error_path(cfg.out_dir, shard), json.dumps({"shard": shard, "error": msg}).encode())
-                    continue
-                error_path(cfg.out_dir, shard).unlink(missing_ok=True)
-                images_this_run += stats["num_samples"]
-                table = _rows_to_table(rows, scorer.cols, {"shard": shard, "rewards": meta_rewards,
-                                                           "captions": cfg.captions})
-                target = output_path(cfg.out_dir, shard, None if ngroups == 1 else g)
-                sp = Path(str(target) + ".stats.json") if ngroups > 1 else stats_path(cfg.out_dir, shard)
-                write_bytes_atomic(sp, json.dumps(stats).encode())
-                write_table_atomic(table, target)  # the parquet is the commit marker: written last
-            del scorer, rewards
+    out = Path(cfg.out_dir)
+    parts_dir = out / "_parts"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.weights_dtype]
+    final = shard_jobs.ShardJob(stage=STAGE, out_dir=str(out), outputs=["{stem}.scores.parquet"],
+                                params=_params(cfg, cfg.rewards), process=None, retries=cfg.retries,
+                                progress=cfg.progress)
+
+    def scoring_job(keys, stage, out_dir, output):
+        state = {}  # models are built on the first shard that needs them (a rerun may need none)
+
+        def process(task: shard_jobs.ShardTask) -> dict:
+            if "scorer" not in state:
+                rewards = []
+                for k in keys:
+                    r = build_reward(k, cfg.variant, device=device, dtype=dtype, **cfg.reward_kwargs.get(k, {}))
+                    if dtype != torch.float32:
+                        for m in r.modules():
+                            m.to(dtype=dtype)
+                    rewards.append(r)
+                state["scorer"] = ShardScorer(rewards, cfg, device)
+            scorer = state["scorer"]
+            captions = read_captions(cfg.captions_dir, task.stem, task.source)
+            rows, counts, timing = scorer.score_shard(task.shard, captions, task.bar)
+            meta = {"shard": os.path.basename(task.shard), "rewards": {r.key: r.info() for r in scorer.rewards},
+                    "captions": cfg.caption_sources}
+            write_table_atomic(_rows_to_table(rows, scorer.cols, meta), task.path(output))
+            counts["timing"] = timing
+            return counts
+
+        job = shard_jobs.ShardJob(stage=stage, out_dir=str(out_dir), outputs=[output],
+                                  params=_params(cfg, keys), process=process, retries=cfg.retries,
+                                  progress=cfg.progress)
+        return job, state
+
+    if len(groups) == 1:
+        job, state = scoring_job(cfg.rewards, STAGE, out, "{stem}.scores.parquet")
+        summary = shard_jobs.run(job, cfg.shards, rank, world)
+    else:
+        pending = [s for s in shard_jobs.assign(cfg.shards, rank, world) if not final.is_done(s)[0]]
+        for g, keys in enumerate(groups):  # one pass per group: its models alone in memory
+            job, state = scoring_job(keys, f"{STAGE}-g{g}", parts_dir, f"{{stem}}.g{g}.parquet")
+            shard_jobs.run(job, pending, 0, 1)
+            state.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        bar.close()
-        if ngroups > 1:
-            for s in todo:
-                if not error_path(cfg.out_dir, s).exists():
-                    _merge_parts(s, cfg.out_dir, ngroups)
-    elapsed = time.perf_counter() - t_run
-    if dist.is_initialized():
-        dist.barrier()
-        gathered = [None] * world
-        dist.all_gather_object(gathered, {"rank": rank, "images": images_this_run, "seconds": elapsed})
-    else:
-        gathered = [{"rank": rank, "images": images_this_run, "seconds": elapsed}]
-    summary = None
-    if rank == 0:
-        run_info = {"world_size": world, "rewards_requested": cfg.rewards, "groups": groups,
-                    "captions": cfg.captions, "variant": cfg.variant,
-                    "this_run": {"images": sum(g["images"] for g in gathered),
-                                 "seconds": max(g["seconds"] for g in gathered),
-                                 "per_rank": gathered}}
-        tr = run_info["this_run"]
-        tr["images_per_s"] = tr["images"] / tr["seconds"] if tr["seconds"] > 0 else None
-        summary = summarize(cfg.out_dir, cfg.shards, run_info)
-    if initialized_here:
-        dist.destroy_process_group()
+        final.process = lambda task: _merge_parts(task, parts_dir, len(groups))
+        summary = shard_jobs.run(final, cfg.shards, rank, world)
+        for s in pending:
+            if final.is_done(s)[0]:
+                for g in range(len(groups)):
+                    stem = shard_jobs.shard_stem(s)
+                    (parts_dir / f"{stem}.g{g}.parquet").unlink(missing_ok=True)
+                    shard_jobs.done_path(parts_dir, f"{STAGE}-g{g}", stem).unlink(missing_ok=True)
+    if summary is not None:
+        summary["images_per_s"] = images_per_second(summary)
     return summary
+
+
+def images_per_second(summary: dict) -> Dict[str, Optional[float]]:
+    """Per reward: images scored / seconds in that reward's model, over the finished shards."""
+    out = {}
+    for k, v in summary["counts"].get("rewards", {}).items():
+        sec = summary["timing"].get("rewards", {}).get(k, 0.0)
+        out[k] = round(v["images"] / sec, 3) if sec > 0 else None
+    return out
+
+
+def scored_shards(scores_dir: str) -> Dict[str, dict]:
+    """``{stem: done record}`` of the finished shards of a scores directory."""
+    return shard_jobs.finished_inputs(scores_dir, STAGE)
+
+
+def scores_file(scores_dir: str, stem: str, source: dict) -> Path:
+    """A finished scores file of the source tar with fingerprint ``source`` (checked)."""
+    return check_sidecar(scores_dir, "scores", stem, source)

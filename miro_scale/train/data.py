@@ -77,7 +77,7 @@ class ShardBatchStream:
         if d.loader == "dali":
             kwargs["device_id"] = device.index if device.type == "cuda" else None
         else:
-            kwargs["num_workers"] = d.num_workers
+            kwargs.update(num_workers=d.num_workers, latent_std=cfg.flow.sample_posterior)
         self.loader = make_loader(d.loader, d.shards, cfg.train.micro_batch_size, **kwargs)
         self.device = device
         self.autoencoder = None
