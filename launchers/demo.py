@@ -1,9 +1,10 @@
 """The whole MIRO pipeline, end to end, on the embedded synthetic world (CPU, a few minutes):
 
-    score -> bin -> shard -> load/train -> sample -> evaluate -> convert
+    score -> bin -> shard -> load/train -> convert -> sample
 
-Each stage is the project's own command, printed before it runs; a stage whose output exists is
-skipped, so a rerun resumes. Everything goes under --workdir (default demo/).
+Each stage is the project's own command, printed before it runs; the preprocessing stages skip the
+shards they finished and the later ones are skipped when their last output exists, so a rerun
+resumes. Everything goes under --workdir (default demo/).
 
     python launchers/demo.py [--workdir demo] [--samples 2048] [--steps 300]
 """
@@ -18,9 +19,10 @@ REWARDS = ["caption_alignment_score", "sharpness_score", "contrast_score", "colo
 BINS = 16
 
 
-def stage(name: str, done: Path, command: list) -> None:
+def stage(name: str, done, command: list) -> None:
+    """Run a stage's command unless ``done`` (a file its command writes last) exists."""
     print(f"\n== {name}: {' '.join(shlex.quote(str(c)) for c in command)}", flush=True)
-    if done.exists():
+    if done is not None and done.exists():
         print(f"   (done: {done} exists)")
         return
     subprocess.run([str(c) for c in command], cwd=ROOT, check=True)
@@ -43,15 +45,15 @@ def main() -> int:
     stage("synthetic world", work / "world/manifest.json",
           [py, "-m", "miro_scale.data.synthetic_world", "--out", work / "world", "--num-samples", a.samples,
            "--shard-size", a.shard_size, "--resolution", 32, "--seed", 0])
-    stage("score", work / "scores/summary.json",
+    # the preprocessing stages skip the shards they finished, so they always run: a rerun resumes
+    stage("score", None,
           [py, "preprocessing/score.py", "--shards", shards, "--rewards", ",".join(REWARDS),
            "--out", work / "scores"])
-    stage("bin", work / "bins.json",
-          [py, "preprocessing/bin.py", "--scores", work / "scores", "--bins", BINS, "--strategy", "quantile",
-           "--out", work / "bins.json", "--apply", work / "bins", "--format", "json"])
-    stage("shard", work / "shards/manifest.json",
-          [py, "-m", "miro_scale.data.reshard", "--input", work / "world", "--out", work / "shards",
-           "--sidecar", work / "bins", "--num-bins", BINS, "--drop-missing"])
+    stage("bin", None,
+          [py, "preprocessing/bin.py", "--scores", work / "scores", "--num-bins", BINS, "--strategy", "quantile",
+           "--out", work / "bins"])
+    stage("shard", None,
+          [py, "preprocessing/shard.py", "--shards", shards, "--bins", work / "bins", "--out", work / "shards"])
     stage("train", final / "trainer.json",
           [py, "launchers/train.py", "--config", "configs/synthetic_world.json", "--set",
            f"data.shards={work / 'shards'}", f"train.output_dir={run_dir}", f"train.steps={a.steps}"])

@@ -217,12 +217,64 @@ def _run_one(job: ShardJob, shard: str, bar) -> dict:
     return rec
 
 
+def _process_all(job: ShardJob, todo: Sequence[str], bar, rank: int, out: Path, counters: dict) -> None:
+    delay = float(os.environ.get("MIRO_SHARD_JOB_DELAY", 0))  # seconds after each shard: kill tests
+    for s in todo:
+        stem = job.stem_of(s)
+        err = error_path(out, job.stage, stem)
+        attempts = 0
+        prior = 0
+        try:
+            prior = int(json.loads(err.read_text()).get("attempts", 0))
+        except (OSError, ValueError):
+            pass
+        while True:
+            attempts += 1
+            try:
+                rec = _run_one(job, s, bar)
+            except Exception as e:  # a bad shard is recorded and retried, never ends the run
+                msg = f"{s}: {type(e).__name__}: {e}"
+                write_bytes_atomic(err, json.dumps(
+                    {"shard": s, "stage": job.stage, "error": msg, "attempts": prior + attempts,
+                     "traceback": traceback.format_exc(limit=8)}, indent=1).encode())
+                if attempts <= job.retries and not isinstance(e, ShardError):
+                    log.warning("[rank %d] %s failed (attempt %d), retrying: %s", rank, job.stage, attempts, msg)
+                    continue
+                log.error("[rank %d] %s: shard failed, left for a rerun: %s", rank, job.stage, msg)
+                counters["failed"] += 1
+                break
+            err.unlink(missing_ok=True)
+            counters["processed"] += 1
+            n = int(rec["counts"].get("samples", 0))
+            counters["samples"] += n
+            log.info("[rank %d] %s %s: %d samples in %.1fs %s", rank, job.stage, stem, n,
+                     rec["timing"]["seconds"], json.dumps(rec["counts"].get("failures", {}), sort_keys=True))
+            break
+        if delay:
+            time.sleep(delay)
+
+
+def _total_samples(shards: Sequence[str]) -> Optional[int]:
+    """Samples in ``shards`` when every one has a DALI index (its first line), else None: no scan of
+    every tar before starting."""
+    total = 0
+    for s in shards:
+        idx = s[:-4] + ".idx" if s.endswith(".tar") else None
+        try:
+            with open(idx) as f:
+                total += int(f.readline().split()[1])
+        except (TypeError, OSError, ValueError, IndexError):
+            return None
+    return total
+
+
 def run(job: ShardJob, shards: Sequence[str], rank: Optional[int] = None,
         world: Optional[int] = None) -> Optional[dict]:
     """Process this rank's unfinished shards. Returns the summary on rank 0 (or on every rank of
     independent jobs), else None."""
     import torch.distributed as dist
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     env_rank, env_world = dist_env()
     rank = env_rank if rank is None else rank
@@ -249,44 +301,14 @@ def run(job: ShardJob, shards: Sequence[str], rank: Optional[int] = None,
             if why != "no complete output":
                 log.warning("%s: %s redone: %s", s, job.stage, why)
     t_run = time.perf_counter()
-    processed = failed = 0
-    samples = 0
-    bar = tqdm(total=None, unit="img", desc=f"{job.stage} rank {rank}", position=rank, dynamic_ncols=True,
-               disable=not job.progress, file=sys.stderr)
-    for s in todo:
-        stem = job.stem_of(s)
-        err = error_path(out, job.stage, stem)
-        attempts = 0
-        prior = 0
-        try:
-            prior = int(json.loads(err.read_text()).get("attempts", 0))
-        except (OSError, ValueError):
-            pass
-        while True:
-            attempts += 1
-            try:
-                rec = _run_one(job, s, bar)
-            except Exception as e:  # a bad shard is recorded and retried, never ends the run
-                msg = f"{s}: {type(e).__name__}: {e}"
-                write_bytes_atomic(err, json.dumps(
-                    {"shard": s, "stage": job.stage, "error": msg, "attempts": prior + attempts,
-                     "traceback": traceback.format_exc(limit=8)}, indent=1).encode())
-                if attempts <= job.retries and not isinstance(e, ShardError):
-                    log.warning("[rank %d] %s failed (attempt %d), retrying: %s", rank, job.stage, attempts, msg)
-                    continue
-                log.error("[rank %d] %s: shard failed, left for a rerun: %s", rank, job.stage, msg)
-                failed += 1
-                break
-            err.unlink(missing_ok=True)
-            processed += 1
-            n = int(rec["counts"].get("samples", 0))
-            samples += n
-            log.info("[rank %d] %s %s: %d samples in %.1fs %s", rank, job.stage, stem, n,
-                     rec["timing"]["seconds"], json.dumps(rec["counts"].get("failures", {}), sort_keys=True))
-            break
+    counters = {"processed": 0, "failed": 0, "samples": 0}
+    bar = tqdm(total=_total_samples(todo), unit="img", desc=f"{job.stage} rank {rank}", position=rank,
+               dynamic_ncols=True, disable=not job.progress, file=sys.stderr)
+    with logging_redirect_tqdm():  # log lines above the bar, not through it
+        _process_all(job, todo, bar, rank, out, counters)
     bar.close()
-    mine_info = {"rank": rank, "shards_processed": processed, "shards_failed": failed, "samples": samples,
-                 "seconds": round(time.perf_counter() - t_run, 3)}
+    mine_info = {"rank": rank, "shards_processed": counters["processed"], "shards_failed": counters["failed"],
+                 "samples": counters["samples"], "seconds": round(time.perf_counter() - t_run, 3)}
     if dist.is_initialized():
         dist.barrier()
         gathered = [None] * world

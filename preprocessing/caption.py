@@ -88,7 +88,7 @@ class Captioner:
 def caption_shard(cap: "Captioner", shard: str, kinds, batch_size: int, max_tokens: dict, progress=None):
     from miro_scale.data.decode import decode_image
     from miro_scale.data.format import SampleError, image_ext
-    from miro_scale.data.sidecars import iter_members, open_source_shard
+    from miro_scale.data.sidecars import by_reason, iter_members, open_source_shard
     from miro_scale.shard_jobs import shard_stem
     rows = {"key": [], "status": [], "error": [], **{f"caption_{k}": [] for k in kinds}}
     batch = []
@@ -146,7 +146,7 @@ def caption_shard(cap: "Captioner", shard: str, kinds, batch_size: int, max_toke
     for reason, _ in index.problems:
         failures[reason] = failures.get(reason, 0) + 1
     counts = {"samples": len(rows["key"]), "failures": failures,
-              "left_out": [f"{reason}:{name}" for reason, name in index.problems]}
+              "skipped_keys": by_reason(index.problems)}
     return rows, counts
 
 

@@ -74,7 +74,7 @@ class ShardEncoder:
 
     def _prepare(self, stem: str, key: str, members: dict, captions: Optional[dict]):
         """(image tensor or None, {source: caption}, reasons): the reasons a caption source or the
-        image (then the whole sample) is unusable."""
+        image (then the whole sample, and the reason is the last one) is unusable."""
         where = f"{stem}:{key}"
         reasons = []
         try:
@@ -126,6 +126,7 @@ class ShardEncoder:
         idx = open_source_shard(task.shard)
         captions = read_captions(captions_dir, task.stem, task.source)
         failures: Dict[str, int] = {}
+        left_out: Dict[str, list] = {}  # samples without latents, by the reason their image failed
         n = written = 0
         timing = {"decode": 0.0, "autoencoder": 0.0, "text_encoder": 0.0}
         samples = iter_members(task.shard, idx)
@@ -141,9 +142,11 @@ class ShardEncoder:
                 timing["decode"] += time.perf_counter() - t
                 n += len(chunk)
                 keep = [j for j, (img, _, _) in enumerate(prepared) if img is not None]
-                for _, _, reasons in prepared:
+                for (key, _), (img, _, reasons) in zip(chunk, prepared):
                     for r in dict.fromkeys(reasons):
                         failures[r] = failures.get(r, 0) + 1
+                    if img is None:
+                        left_out.setdefault(reasons[-1], []).append(key)
                 t = time.perf_counter()
                 mean, std = self._latents([prepared[j][0] for j in keep]) if keep else (None, None)
                 timing["autoencoder"] += time.perf_counter() - t
@@ -163,8 +166,9 @@ class ShardEncoder:
                 if task.bar is not None:
                     task.bar.update(len(chunk))
             writer.close()
-        for reason, _ in idx.problems:
+        for reason, name in idx.problems:
             failures[reason] = failures.get(reason, 0) + 1
+            left_out.setdefault(reason, []).append(name)
         timing["total"] = time.perf_counter() - t0
-        return {"samples": n, "written": written, "failures": failures,
-                "left_out": [f"{reason}:{name}" for reason, name in idx.problems], "timing": timing}
+        return {"samples": n, "written": written, "failures": failures, "skipped_keys": left_out,
+                "timing": timing}

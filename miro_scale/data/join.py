@@ -13,8 +13,9 @@ with the same keys, in the same order, each sample carrying
 
 Memory is bounded by one shard's sidecar tables (rewards, captions) plus one sample. A sample is
 written only when it has every sidecar asked for; otherwise it is skipped, counted by reason and
-named in the shard's done record (``no_rewards``: the bin stage dropped it, see the score stage's
-status; ``no_latents``: the encode stage could not decode its image; ``bad_json``). Sidecars made
+named in the shard's done record (``no_rewards:<score status>``: the bin stage dropped it, e.g.
+``no_rewards:empty_caption``; ``no_latents:<reason>``: the encode stage could not use its image, e.g.
+``no_latents:corrupt_image``; ``bad_json``). Sidecars made
 from another file than the source tar, or not finished, fail the shard with a message naming them.
 
 The runner writes ``manifest.json`` once every shard is done (:func:`write_dataset_manifest`); the
@@ -80,6 +81,25 @@ def _read_rewards(bins_dir: str, stem: str, source: dict):
     return rewards_by_key(table), meta.get("captions", ["txt"])
 
 
+def _score_status(bins_doc: dict, stem: str) -> Dict[str, str]:
+    """{key: status} of the scores the bins were made from (why a sample has no rewards), or {} when
+    that directory is not at hand."""
+    import pyarrow.parquet as pq
+
+    path = Path(bins_doc.get("scores_dir") or "") / f"{stem}.scores.parquet"
+    try:
+        t = pq.read_table(path, columns=["key", "status"]).to_pydict()
+    except (OSError, ValueError):
+        return {}
+    return dict(zip(t["key"], t["status"]))
+
+
+def _encode_failures(encoded_dir: str, stem: str) -> Dict[str, str]:
+    """{key: reason} of the samples the encode stage left out."""
+    rec = shard_jobs.read_record(encoded_dir, "encode", stem) or {}
+    return {k: r for r, keys in rec.get("counts", {}).get("skipped_keys", {}).items() for k in keys}
+
+
 def _by_caption(entries: Dict[str, dict], captions: list) -> Dict[str, dict]:
     """Score columns (``reward`` for the first caption source, ``reward@name`` for the others) as
     ``{caption source: {reward: entry}}``; image-only rewards (one column) go to every source."""
@@ -104,11 +124,14 @@ def _num_bins(bins_doc: dict) -> Optional[int]:
 def join_shard(task: shard_jobs.ShardTask, settings: JoinSettings, bins_doc: dict) -> dict:
     idx = open_source_shard(task.shard)
     captions = read_captions(settings.captions_dir, task.stem, task.source)
-    rewards, scored = ({}, [])
+    rewards, scored, status = {}, [], {}
     if settings.bins_dir:
         rewards, scored = _read_rewards(settings.bins_dir, task.stem, task.source)
+        status = _score_status(bins_doc, task.stem)
     encoded = reader = None
+    encode_failures = {}
     if settings.encoded_dir:
+        encode_failures = _encode_failures(settings.encoded_dir, task.stem)
         path = check_sidecar(settings.encoded_dir, "encoded", task.stem, task.source)
         enc_idx = scan_tar(str(path))
         if enc_idx.truncated:
@@ -140,7 +163,8 @@ def join_shard(task: shard_jobs.ShardTask, settings: JoinSettings, bins_doc: dic
             if settings.bins_dir:
                 entries = rewards.get(key)
                 if entries is None:
-                    skip("no_rewards", key)
+                    why = status.get(key, "ok")
+                    skip("no_rewards" if why == "ok" else f"no_rewards:{why}", key)
                     continue
                 per_caption = _by_caption(entries, scored)
                 if "txt" in per_caption:
@@ -151,7 +175,8 @@ def join_shard(task: shard_jobs.ShardTask, settings: JoinSettings, bins_doc: dic
             if encoded is not None:
                 mem = encoded[1].get(key)
                 if mem is None:
-                    skip("no_latents", key)
+                    why = encode_failures.get(key)
+                    skip(f"no_latents:{why}" if why else "no_latents", key)
                     continue
                 for ext, (off, size, _) in mem.items():
                     out[ext] = reader.read(encoded[0], off, size)

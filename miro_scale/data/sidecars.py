@@ -70,6 +70,14 @@ def open_source_shard(path: str) -> ShardIndex:
     return idx
 
 
+def by_reason(problems) -> Dict[str, list]:
+    """``{reason: [names]}`` of (reason, name) pairs, e.g. a shard index's ``problems``."""
+    out: Dict[str, list] = {}
+    for reason, name in problems:
+        out.setdefault(reason, []).append(name)
+    return out
+
+
 def iter_members(path: str, idx: ShardIndex) -> Iterator[Tuple[str, dict]]:
     """``(key, {ext: bytes})`` for each sample of a shard, in tar order."""
     with open(path, "rb") as f:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from miro_scale import shard_jobs
-from miro_scale.data.sidecars import (check_sidecar, iter_members, open_source_shard, read_captions,
-                                      sample_captions, sample_meta)
+from miro_scale.data.sidecars import (by_reason, check_sidecar, iter_members, open_source_shard,
+                                      read_captions, sample_captions, sample_meta)
 
 from .base import Reward, View
 from .registry import build_reward, canonical_key
@@ -306,7 +306,7 @@ class ShardScorer:
             failures[reason] = failures.get(reason, 0) + 1
         n = len(rows["key"])
         counts = {"samples": n, "ok": sum(1 for s in rows["status"] if s == STATUS_OK), "failures": failures,
-                  "left_out": [f"{reason}:{name}" for reason, name in idx.problems],
+                  "skipped_keys": by_reason(idx.problems),
                   "rewards": {k: {"images": v[1]} for k, v in timing.items()}}
         timing_out = {"total": time.perf_counter() - t_start, "decode_wait": decode_s,
                       "rewards": {k: v[0] for k, v in timing.items()}}
@@ -383,14 +383,14 @@ def _merge_parts(task: shard_jobs.ShardTask, parts_dir: Path, ngroups: int) -> d
         if st != STATUS_OK:
             for k in st.split(";"):
                 failures[k] = failures.get(k, 0) + 1
-    for item in recs[0]["counts"].get("left_out", []):
-        reason = item.split(":", 1)[0]
-        failures[reason] = failures.get(reason, 0) + 1
+    for reason, names in recs[0]["counts"].get("skipped_keys", {}).items():
+        failures[reason] = failures.get(reason, 0) + len(names)
     timing: dict = {}
     for rec in recs:
         shard_jobs._sum_into(timing, {k: v for k, v in rec["timing"].items() if k != "seconds"})
     return {"samples": len(keys), "ok": status.count(STATUS_OK), "failures": failures,
-            "left_out": recs[0]["counts"].get("left_out", []), "rewards": counts["rewards"], "timing": timing}
+            "skipped_keys": recs[0]["counts"].get("skipped_keys", {}), "rewards": counts["rewards"],
+            "timing": timing}
 
 
 def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
