@@ -21,3 +21,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def write_parquet_atomic(table, path: str | os.PathLike) -> None:
+    """A pyarrow table as a parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())

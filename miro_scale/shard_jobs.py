@@ -378,6 +378,7 @@ def report(summary: Optional[dict], extra: Optional[dict] = None) -> int:
     if summary is None:
         return 0
     short = {k: summary[k] for k in ("stage", "num_shards", "shards_done", "shards_failed", "counts")}
+    short["this_run"] = {k: v for k, v in summary["this_run"].items() if k != "per_rank"}
     short.update(extra or {})
     print(json.dumps(short, indent=1, sort_keys=True))
     if not summary["complete"]:

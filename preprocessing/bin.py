@@ -26,16 +26,9 @@ from miro_scale.rewards import binning  # noqa: E402
 from miro_scale.rewards.registry import canonical_key  # noqa: E402
 
 BINS_FILE = "bins.json"
-SCORES = "{stem}.scores.parquet"
-
-
-def scored(scores_dir: str) -> dict:
-    """{stem: done record} of the finished score shards; exits naming the directory when none."""
-    recs = shard_jobs.finished_inputs(scores_dir, "score")
-    if not recs:
-        raise SystemExit(f"--scores {scores_dir}: no finished score shards (*.score.done.json); "
-                         "run preprocessing/score.py first")
-    return recs
+# how the edges were fitted (carried over by --use)
+FIT_FIELDS = ("strategy", "requested_bins", "calibration_size", "seed", "unique_values", "refine_last",
+              "refine_factor")
 
 
 def main(argv=None) -> int:
@@ -57,19 +50,30 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import pyarrow.parquet as pq
 
-    from miro_scale.rewards.scores_io import scoring_metadata, write_table_atomic
+    from miro_scale.atomic import write_parquet_atomic
+    from miro_scale.rewards.scores_io import finished_score_files, scoring_metadata
     shard_jobs.setup_logging()
     out = Path(a.out)
-    records = scored(a.scores)
-    files = [str(Path(a.scores) / SCORES.format(stem=s)) for s in records]
+    records = shard_jobs.finished_inputs(a.scores, "score")
+    files = [str(f) for f in finished_score_files(a.scores)]
+    if not files:
+        raise SystemExit(f"--scores {a.scores}: no finished score shards (*.score.done.json); "
+                         "run preprocessing/score.py first")
+    try:
+        planned = len(json.loads((Path(a.scores) / "score.job.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        planned = len(files)
+    if planned > len(files):
+        print(f"warning: {planned - len(files)} of the {planned} shards of {a.scores} are not scored (see its "
+              "score.summary.json); binning the others", file=sys.stderr)
     rewards = None if not a.rewards else [canonical_key(k) for k in a.rewards.split(",") if k.strip()]
     if a.use:
         bins, doc = binning.load_bins(a.use)
-        info = {k: v for k, v in doc.items() if k not in ("rewards", "edges_sha256", "version")}
+        info = {k: doc.get(k) for k in FIT_FIELDS}
     else:
         tables = (pq.read_table(f) for f in files)  # one shard in memory at a time
         bins = binning.fit_bins(tables, a.num_bins, a.strategy, a.calibration_size, a.seed, a.refine_last,
-                                a.refine_factor, a.unique_values, rewards, scoring_metadata(a.scores))
+                                a.refine_factor, a.unique_values, rewards, scoring_metadata(files))
         info = dict(strategy=a.strategy, requested_bins=a.num_bins, calibration_size=a.calibration_size,
                     seed=a.seed, unique_values=a.unique_values,
                     refine_last=a.refine_last if a.strategy == "refined" else None,
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
                             or binning.base_key(c) in bins])
         binned = binning.apply_bins(part, bins, a.missing)
         md = {**meta, "captions": captions}
-        write_table_atomic(binned.replace_schema_metadata({"miro_bins": json.dumps(md, sort_keys=True)}),
+        write_parquet_atomic(binned.replace_schema_metadata({"miro_bins": json.dumps(md, sort_keys=True)}),
                            task.path("{stem}.rewards.parquet"))
         return {"samples": part.num_rows, "written": binned.num_rows,
                 "failures": {"missing_reward": part.num_rows - binned.num_rows} if a.missing == "drop" else {}}

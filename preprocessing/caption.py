@@ -168,7 +168,7 @@ def main(argv=None):
 
     from miro_scale import shard_jobs
     from miro_scale.data.plan import resolve_shards
-    from miro_scale.rewards.scores_io import write_table_atomic
+    from miro_scale.atomic import write_parquet_atomic
     shard_jobs.setup_logging()
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in PROMPTS]
@@ -191,7 +191,7 @@ def main(argv=None):
         t = pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
         t = t.replace_schema_metadata({"miro_captions": json.dumps(
             {"model": a.model, "kinds": kinds, "prompts": {k: PROMPTS[k] for k in kinds}}, sort_keys=True)})
-        write_table_atomic(t, task.path("{stem}.captions.parquet"))
+        write_parquet_atomic(t, task.path("{stem}.captions.parquet"))
         counts["timing"] = {"generate": time.perf_counter() - t0}
         return counts
 

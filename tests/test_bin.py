@@ -132,10 +132,13 @@ def test_bins_json_roundtrip_and_errors(tmp_path):
 
 
 def _write_scores(d: Path):
+    """Three finished score shards as the score stage leaves them (parquet + done record)."""
+    from miro_scale.shard_jobs import fingerprint
     d.mkdir(parents=True)
     rng = np.random.default_rng(5)
     meta = {"rewards": {"aesthetic_score": {"model_id": "m-aes", "checkpoint_digest": "sha256:01"},
-                        "sharpness_score": {"model_id": "pixel-statistics-v1", "checkpoint_digest": ""}}}
+                        "sharpness_score": {"model_id": "pixel-statistics-v1", "checkpoint_digest": ""}},
+            "captions": ["txt"]}
     for s in range(3):
         n = 50
         aes = rng.normal(5, 1, n)
@@ -145,35 +148,89 @@ def _write_scores(d: Path):
         t = pa.table({"key": [f"{s}_{i:03d}" for i in range(n)], "status": status, "error": [None] * n,
                       "aesthetic_score": pa.array(aes.astype(np.float32)),
                       "sharpness_score": pa.array(rng.uniform(0, 9, n).astype(np.float32))})
-        pq.write_table(t.replace_schema_metadata({"miro_scoring": json.dumps(meta)}), d / f"{s:05d}.parquet")
+        out = d / f"{s:05d}.scores.parquet"
+        pq.write_table(t.replace_schema_metadata({"miro_scoring": json.dumps(meta)}), out)
+        (d / f"src{s}.tar").write_bytes(bytes(1024 * (s + 1)))
+        fp = fingerprint(d / f"src{s}.tar")
+        rec = {"version": 1, "stage": "score", "input": fp, "source": fp, "params_sha256": "x",
+               "outputs": {out.name: out.stat().st_size}, "counts": {"samples": n}, "timing": {}}
+        (d / f"{s:05d}.score.done.json").write_text(json.dumps(rec))
+
+
+def _bin(*args):
+    return subprocess.run([sys.executable, str(ROOT / "preprocessing" / "bin.py"), *map(str, args), "--no-progress"],
+                          capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("strategy", ["quantile", "refined", "uniform"])
 def test_bin_cli_fit_and_apply(tmp_path, strategy):
     _write_scores(tmp_path / "scores")
-    r = subprocess.run([sys.executable, str(ROOT / "preprocessing" / "bin.py"), "--scores", str(tmp_path / "scores"),
-                        "--bins", "16", "--strategy", strategy, "--refine-last", "4", "--calibration-size", "100",
-                        "--out", str(tmp_path / "bins.json"), "--apply", str(tmp_path / "side")],
-                       capture_output=True, text=True)
+    r = _bin("--scores", tmp_path / "scores", "--num-bins", 16, "--strategy", strategy, "--refine-last", 4,
+             "--calibration-size", 100, "--out", tmp_path / "bins")
     assert r.returncode == 0, r.stderr
-    doc = json.loads((tmp_path / "bins.json").read_text())
+    doc = json.loads((tmp_path / "bins" / "bins.json").read_text())
     nb = 16 - 4 + 8 if strategy == "refined" else 16
     assert doc["rewards"]["aesthetic_score"]["num_bins"] == nb
     assert doc["rewards"]["aesthetic_score"]["n_calibration"] == 100
     assert doc["rewards"]["aesthetic_score"]["model_id"] == "m-aes"
     assert doc["rewards"]["aesthetic_score"]["checkpoint_digest"] == "sha256:01"
-    side = pq.read_table(tmp_path / "side" / "00001.rewards.parquet")
+    side = pq.read_table(tmp_path / "bins" / "00001.rewards.parquet")
     assert side.num_rows == 49  # the corrupt row is dropped (default policy)
     v = np.asarray(side.column("aesthetic_score.value"))
     b = np.asarray(side.column("aesthetic_score.bin"))
     assert np.allclose(v, b / (nb - 1)) and 0 <= v.min() and v.max() <= 1
-    # apply an existing bins.json as json sidecars with median imputation
-    r = subprocess.run([sys.executable, str(ROOT / "preprocessing" / "bin.py"), "--scores", str(tmp_path / "scores"),
-                        "--use", str(tmp_path / "bins.json"), "--apply", str(tmp_path / "sidej"), "--format", "json",
-                        "--missing", "median"], capture_output=True, text=True)
+    rec = json.loads((tmp_path / "bins" / "00001.bin.done.json").read_text())
+    src = json.loads((tmp_path / "scores" / "00001.score.done.json").read_text())["source"]
+    assert rec["source"] == src  # the source tar's fingerprint travels with the sidecar
+    # apply the existing bins.json with median imputation
+    r = _bin("--scores", tmp_path / "scores", "--use", tmp_path / "bins" / "bins.json", "--out", tmp_path / "med",
+             "--missing", "median")
     assert r.returncode == 0, r.stderr
-    js = json.loads((tmp_path / "sidej" / "00000.rewards.json").read_text())
-    assert len(js) == 50
-    ent = js["0_000"]["rewards"]["aesthetic_score"]
-    assert ent["raw"] is None and ent["bin"] == doc["rewards"]["aesthetic_score"]["median_bin"]
-    assert ent["value"] == ent["bin"] / (nb - 1)
+    ents = binning.rewards_by_key(pq.read_table(tmp_path / "med" / "00000.rewards.parquet"))
+    assert len(ents) == 50
+    ent = ents["0_000"]["aesthetic_score"]
+    assert ent == {"raw": None, "bin": doc["rewards"]["aesthetic_score"]["median_bin"],
+                   "value": ent["bin"] / (nb - 1), "imputed": True}
+    # missing as nan: bin and value None, raw kept where finite
+    r = _bin("--scores", tmp_path / "scores", "--use", tmp_path / "bins" / "bins.json", "--out", tmp_path / "nan",
+             "--missing", "nan")
+    assert r.returncode == 0, r.stderr
+    ents = binning.rewards_by_key(pq.read_table(tmp_path / "nan" / "00000.rewards.parquet"))
+    assert ents["0_000"]["aesthetic_score"] == {"raw": None, "bin": None, "value": None}
+    assert ents["0_000"]["sharpness_score"]["bin"] is not None
+
+
+def test_bin_stage_resumes_and_bins_json_comes_last(tmp_path):
+    _write_scores(tmp_path / "scores")
+    args = ("--scores", tmp_path / "scores", "--num-bins", 8, "--out", tmp_path / "bins")
+    assert _bin(*args).returncode == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bins").glob("*.rewards.parquet")}
+    # a run killed before its end: a sidecar lost, no bins.json -> the directory is not finished
+    (tmp_path / "bins" / "bins.json").unlink()
+    (tmp_path / "bins" / "00002.bin.done.json").unlink()
+    r = _bin(*args)
+    assert r.returncode == 0 and (tmp_path / "bins" / "bins.json").exists()
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bins").glob("*.rewards.parquet")}
+    assert again["00000.rewards.parquet"] == first["00000.rewards.parquet"]  # finished shards kept
+    assert again["00002.rewards.parquet"] != first["00002.rewards.parquet"]  # the unfinished one redone
+    # other edges: every sidecar is redone, bins.json replaced
+    r = _bin("--scores", tmp_path / "scores", "--num-bins", 4, "--out", tmp_path / "bins")
+    assert r.returncode == 0
+    assert json.loads((tmp_path / "bins" / "bins.json").read_text())["rewards"]["aesthetic_score"]["num_bins"] == 4
+    assert np.asarray(pq.read_table(tmp_path / "bins" / "00000.rewards.parquet")
+                      .column("aesthetic_score.bin")).max() == 3
+    # scores without a done record (a killed score run) are not binned
+    (tmp_path / "scores" / "00001.score.done.json").unlink()
+    r = _bin("--scores", tmp_path / "scores", "--num-bins", 4, "--out", tmp_path / "bins2")
+    assert r.returncode == 0 and not (tmp_path / "bins2" / "00001.rewards.parquet").exists()
+
+
+def test_calibration_streams_over_shards():
+    """Fitting shard by shard gives the same bins whether the shards come as one table or many."""
+    rng = np.random.default_rng(6)
+    parts = [_table(r=rng.normal(size=400)) for _ in range(5)]
+    whole = fit_bins(pa.concat_tables(parts), num_bins=8, calibration_size=10_000)["r"]
+    streamed = fit_bins(iter(parts), num_bins=8, calibration_size=10_000)["r"]
+    assert streamed.edges == whole.edges and streamed.n_calibration == 2000
+    capped = fit_bins(iter(parts), num_bins=8, calibration_size=300, seed=1)["r"]
+    assert capped.n_calibration == 300 and capped.n_total == 2000

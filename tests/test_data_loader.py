@@ -113,9 +113,9 @@ def test_state_mismatch_is_refused(ds):
 
 def test_latents_and_text_embeddings(ds):
     L = WebDatasetLoader(ds, 6, mode="latent", text_embeddings=True, max_text_len=6,
-                         latent_sample=False, num_workers=0, drop_last=False)
+                         latent_std=False, num_workers=0, drop_last=False)
     for b in L:
-        assert "image" not in b
+        assert "image" not in b and "latents_std" not in b
         assert b["latents"].shape[1:] == (4, 4, 4) and b["latents"].dtype == torch.float32
         assert b["text_embeddings"].shape[1:] == (6, 8) and b["text_mask"].dtype == torch.bool
         for k, lat, emb, m in zip(b["keys"], b["latents"], b["text_embeddings"], b["text_mask"]):
@@ -124,9 +124,9 @@ def test_latents_and_text_embeddings(ds):
             n = 3 + i % 5
             assert m.sum().item() == min(n, 6) and m[:min(n, 6)].all()
             assert torch.all(emb[m] == i) and torch.all(emb[~m] == 0)
-    S = WebDatasetLoader(ds, 6, mode="latent", latent_sample=True, num_workers=0, seed=0)
-    lat = next(iter(S))["latents"]
-    assert lat.std() > 0.1  # mean + 0.5 * eps
+    S = WebDatasetLoader(ds, 6, mode="latent", num_workers=0, seed=0)  # the posterior std too
+    b = next(iter(S))
+    assert torch.all(b["latents_std"] == 0.5) and b["latents_std"].shape == b["latents"].shape
 
 
 def test_plan_partitions():
@@ -222,7 +222,7 @@ def test_caption_mix_with_per_caption_embeddings(tmp_path):
                 "json": {"captions": {"long": f"long {i}"}, "rewards": {"r": reward_entry(0.0, 5, 64)}},
                 "text_emb.npy": np.full((2, 4), 1, np.float16),
                 "text_emb_long.npy": np.full((5, 4), 2, np.float16)})
-    L = WebDatasetLoader(str(tmp_path), 30, mode="latent", latent_sample=False, text_embeddings=True,
+    L = WebDatasetLoader(str(tmp_path), 30, mode="latent", latent_std=False, text_embeddings=True,
                          max_text_len=8, reward_keys=["r"], num_workers=0,
                          caption_source={"txt": 0.5, "long": 0.5})
     b = next(iter(L))

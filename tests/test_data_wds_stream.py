@@ -96,7 +96,7 @@ def test_bad_input_streaming(tmp_path, caplog):
 def test_latents_stream(tmp_path):
     simple_dataset(str(tmp_path), 10, 5, latents=True, text_emb=True)
     L = WdsStreamLoader(sorted(glob.glob(str(tmp_path / "*.tar"))), 4, mode="latent",
-                        latent_sample=False, text_embeddings=True, max_text_len=8, num_workers=0)
+                        latent_std=False, text_embeddings=True, max_text_len=8, num_workers=0)
     b = next(iter(L))
     assert b["latents"].shape[1:] == (4, 4, 4) and b["text_embeddings"].shape[1:] == (8, 8)
     assert b["text_mask"].dtype == torch.bool

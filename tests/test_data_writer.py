@@ -1,4 +1,5 @@
-"""ShardWriter (atomic, caps, DALI index, manifest) and the reshard / index tool."""
+"""ShardWriter (atomic, caps, DALI index, manifest), the index tool, and member names as users' tools write them."""
+import io
 import json
 import os
 import shutil
@@ -11,8 +12,7 @@ import pytest
 from miro_scale.data._testing import simple_dataset, solid_jpeg, write_raw_tar
 from miro_scale.data.format import reward_entry, split_member_name
 from miro_scale.data.loader import WebDatasetLoader
-from miro_scale.data.reshard import reshard
-from miro_scale.data.tario import load_index, read_index_file, scan_tar
+from miro_scale.data.tario import read_index_file, scan_tar, write_index_file
 from miro_scale.data.writer import ShardWriter, keys_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,97 +79,102 @@ def test_atomic_on_error(tmp_path):
 
 def test_bad_keys_and_members(tmp_path):
     with ShardWriter(str(tmp_path)) as w:
-        for bad in ("a.b", "a/b", "a b", ""):
+        for bad in ("a.b", "", "/a", "a/", "a/../b", "a\nb", "d.x/"):
             with pytest.raises(ValueError):
                 w.write(bad, {"txt": "x"})
         with pytest.raises(TypeError, match="k1"):
             w.write("k1", {"txt": object()})
 
 
+def test_keys_survive_a_round_trip_intact(tmp_path):
+    """Directories, spaces, non-ASCII and dots in directory names are kept; a key with whitespace gets
+    no DALI index (its lines are space-separated) and is read by scanning the tar."""
+    keys = ["plain", "dir/sub/k", "my photo", "café", "x.y/k", "L" * 150]
+    with ShardWriter(str(tmp_path), max_samples=None, max_bytes=10**9) as w:
+        for k in keys:
+            w.write(k, {"jpg": solid_jpeg((10, 20, 30)), "txt": k})
+    assert scan_tar(w.paths[0]).keys == keys
+    assert not (tmp_path / "00000.idx").exists()
+    L = WebDatasetLoader(str(tmp_path), 6, resolution=16, num_workers=0, shuffle=False, drop_last=False)
+    b = next(iter(L))
+    assert b["keys"] == keys and b["text"] == keys
+
+
 def test_reward_entry_values():
     assert reward_entry(1.0, 63, 64)["value"] == 1.0 and reward_entry(1.0, 0, 64)["value"] == 0.0
 
 
-@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
-def test_reshard_merges_sidecar(tmp_path, fmt):
-    src = tmp_path / "src"
-    # img2dataset-style input: jpg/txt/json with its metadata fields, no rewards, no index
-    members = []
-    for i in range(12):
-        k = f"{i:09d}"
-        meta = {"key": k, "status": "success", "caption": f"c{i}", "url": f"http://x/{i}",
-                "width": 48, "height": 40, "original_width": 480, "original_height": 400}
-        members += [(f"{k}.jpg", solid_jpeg((i * 10, 0, 0))), (f"{k}.txt", f"c{i}".encode()),
-                    (f"{k}.json", json.dumps(meta).encode())]
-    os.makedirs(src)
-    write_raw_tar(str(src / "00000.tar"), members[:18])
-    write_raw_tar(str(src / "00001.tar"), members[18:])
-    keys = [f"{i:09d}" for i in range(12) if i != 5]  # sample 5 has no scores
-    if fmt == "json":
-        side = tmp_path / "s.json"
-        side.write_text(json.dumps({k: {"r1": {"raw": int(k) * 0.1, "bin": int(k) % 64},
-                                        "r2": {"raw": 1.0, "bin": 63, "value": 1.0}} for k in keys}))
-    elif fmt == "jsonl":
-        side = tmp_path / "s.jsonl"
-        side.write_text("\n".join(json.dumps({"key": k, "rewards": {
-            "r1": {"raw": int(k) * 0.1, "bin": int(k) % 64}, "r2": {"bin": 63}}}) for k in keys))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        side = tmp_path / "s.parquet"
-        pq.write_table(pa.table({"key": keys, "r1_raw": [int(k) * 0.1 for k in keys],
-                                 "r1_bin": [int(k) % 64 for k in keys], "r2_bin": [63] * len(keys)}),
-                       str(side))
-    out = tmp_path / "out"
-    stats = reshard(str(src), str(out), str(side), ["r1", "r2"], shard_size=5, drop_missing=True,
-                    validate_images=True, progress=False)
-    assert stats["written"] == 11 and stats["no_sidecar_rewards"] == 1
-    man = json.loads((out / "manifest.json").read_text())
-    assert [e["num_samples"] for e in man["shards"]] == [5, 5, 1] and man["reward_keys"] == ["r1", "r2"]
-    L = WebDatasetLoader(str(out), 4, resolution=16, reward_keys=["r1", "r2"], num_workers=0,
-                         shuffle=False, drop_last=False)
-    got = {}
-    for b in L:
-        for k, r in zip(b["keys"], b["rewards"]):
-            got[k] = r.tolist()
-    assert sorted(got) == keys
-    for k in keys:
-        assert got[k] == pytest.approx([(int(k) % 64) / 63, 1.0])
-    # img2dataset fields survive
-    idx = load_index(str(out / "00000.tar"))
-    with open(out / "00000.tar", "rb") as f:
-        off, size, _ = idx.members[0]["json"]
-        f.seek(off)
-        meta = json.loads(f.read(size))
-    assert meta["url"] == "http://x/0" and meta["original_width"] == 480
-    assert meta["rewards"]["r1"] == {"raw": 0.0, "bin": 0, "value": 0.0}
-
-
-def test_reshard_bin_from_raw_and_cli_index_only(tmp_path):
+def test_index_only_cli(tmp_path):
     src = tmp_path / "src"
     simple_dataset(str(src), 40, 40)
     for f in src.glob("*.idx"):
         f.unlink()
     os.remove(src / "manifest.json")
-    side = tmp_path / "raw.json"
-    side.write_text(json.dumps({f"s{i:06d}": {"q": float(i)} for i in range(40)}))
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "miro_scale.data.reshard", "--input", str(src / "*.tar"),
-                        "--out", str(out), "--sidecar", str(side), "--bin-from-raw", "--num-bins", "4",
-                        "--shard-size", "15"], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "preprocessing", "shard.py"), "--shards", str(src),
+                        "--index-only", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["num_samples"] == 40 and len(man["reward_bin_edges"]["q"]) == 3
-    L = WebDatasetLoader(str(out), 40, resolution=16, reward_keys=["q"], num_workers=0, shuffle=False)
-    b = next(iter(L))
-    vals = sorted(b["rewards"][:, 0].tolist())
-    assert vals == pytest.approx([0.0] * 10 + [1 / 3] * 10 + [2 / 3] * 10 + [1.0] * 10)
-    r = subprocess.run([sys.executable, "-m", "miro_scale.data.reshard", "--input", str(src),
-                        "--index-only"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert (src / "00000.idx").exists() and (src / "manifest.json").exists()
+    assert (src / "00000.idx").exists() and json.loads((src / "manifest.json").read_text())["num_samples"] == 40
+    idx = read_index_file(str(src / "00000.idx"), str(src / "00000.tar"))
+    assert idx.keys == scan_tar(str(src / "00000.tar")).keys
+
+
+def _gnu_tar(tmp_path, files: dict, fmt: str = "gnu") -> str:
+    src = tmp_path / f"src_{fmt}"
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    out = str(tmp_path / f"{fmt}.tar")
+    subprocess.run(["tar", f"--format={fmt}", "-C", str(src), "-cf", out, "."], check=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_member_names_as_tar_writes_them(tmp_path, fmt):
+    """tar -C dir -cf x.tar . : './' prefixes, directory order (a sample's members not adjacent),
+    sub-directories, spaces, non-ASCII, long names, dotted names (key up to the first dot)."""
+    names = ["plain", "sub/nested", "my photo", "café", "L" * 140]
+    files = {f"{n}.{e}": f"{n}.{e}".encode() for n in names for e in ("jpg", "txt", "json")}
+    files.update({"photo.v2.jpg": b"p", "photo.v2.txt": b"t", ".hidden": b"h"})
+    idx = scan_tar(_gnu_tar(tmp_path, files, fmt))
+    assert sorted(idx.keys) == sorted(names + ["photo"]) and idx.problems == []
+    for j, k in enumerate(idx.keys):
+        mem = idx.member_dict(j)
+        if k == "photo":  # 'photo.v2.jpg': key 'photo', extension 'v2.jpg', read as the sample's jpg
+            assert set(mem) == {"jpg", "txt"}
+        else:
+            assert set(mem) == {"jpg", "txt", "json"}
+            with open(idx.path, "rb") as f:
+                f.seek(mem["txt"][0])
+                assert f.read(mem["txt"][1]) == f"{k}.txt".encode()
+
+
+def test_duplicate_keys_are_named_never_merged(tmp_path):
+    p = str(tmp_path / "dup.tar")
+    write_raw_tar(p, [("a.jpg", b"1"), ("a.txt", b"1"), ("a.jpg", b"2"), ("a.txt", b"2"),  # consecutive
+                      ("b.jpg", b"3"), ("b.txt", b"3"), ("c.jpg", b"4"), ("b.jpg", b"5"),  # not consecutive
+                      ("c.txt", b"6")])                                                     # scattered member
+    idx = scan_tar(p)
+    assert idx.keys == ["a", "b", "c"]
+    assert idx.problems == [("duplicate_key", "a"), ("duplicate_key", "b")]
+    with open(p, "rb") as f:
+        f.seek(idx.member_dict(0)["jpg"][0])
+        assert f.read(1) == b"1"  # the first sample keeps the key
+    assert set(idx.member_dict(2)) == {"jpg", "txt"}
+    # an index file with a repeated key says the same
+    write_index_file(str(tmp_path / "dup.idx"), ["a", "a"], [{"jpg": (512, 1)}, {"jpg": (2048, 1)}])
+    assert read_index_file(str(tmp_path / "dup.idx"), p).problems == [("duplicate_key", "a")]
+
+
+def test_member_names_that_are_not_utf8_are_named(tmp_path):
+    p = tmp_path / "latin1.tar"
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name in ["caf\xe9.jpg", "ok.jpg"]:
+            ti = tarfile.TarInfo(name)
+            ti.size = 1
+            tf.addfile(ti, io.BytesIO(b"x"))
+    idx = scan_tar(str(p))
+    assert idx.keys == ["ok"] and idx.problems[0][0] == "bad_member_name" and "caf" in idx.problems[0][1]
 
 
 def test_index_read_paths_agree(tmp_path):

@@ -32,6 +32,7 @@ def test_caption_cli_on_tiny_gemma3(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr[-3000:]
     t = pq.read_table(tmp_path / "cap" / "00001.captions.parquet")
+    assert (tmp_path / "cap" / "00001.caption.done.json").exists()
     assert t.column_names == ["key", "status", "error", "caption_long", "caption_short"]
     st = dict(zip(t.column("key").to_pylist(), t.column("status").to_pylist()))
     assert st["s001_corrupt"] == "corrupt_image" and st["s001_noimage"] == "missing_image"
@@ -43,4 +44,4 @@ def test_caption_cli_on_tiny_gemma3(tmp_path):
     assert meta["kinds"] == ["long", "short"] and "CAPTION" in meta["prompts"]["long"]
     # rerun: nothing to do
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 0 and "nothing to do" in r.stdout
+    assert r.returncode == 0 and json.loads(r.stdout)["this_run"]["samples"] == 0

@@ -13,8 +13,9 @@ sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "rewards"))
 
 from miro_scale.rewards import registry  # noqa: E402
 from miro_scale.data.plan import resolve_shards  # noqa: E402
-from miro_scale.rewards.scoring import (ScoreConfig, assign_shards, parse_groups,  # noqa: E402
-                                        read_scores, run_scoring)
+from miro_scale.rewards.scores_io import read_scores  # noqa: E402
+from miro_scale.rewards.scoring import ScoreConfig, parse_groups, run_scoring  # noqa: E402
+from miro_scale.shard_jobs import assign as assign_shards  # noqa: E402
 
 REWARDS = ["caption_alignment_score", "sharpness_score", "hpsv2_score", "aesthetic_score"]
 
@@ -54,9 +55,9 @@ def test_expand_and_assign_shards(tmp_path):
 
 
 def test_score_rows_statuses_and_caption_sources(shards, tmp_path):
-    summary = run_scoring(_cfg(shards, tmp_path / "s", captions=["txt", "short"]))
-    assert summary["shards_done"] == 3 and summary["num_samples"] == 3 * 14
-    t = pq.read_table(tmp_path / "s" / "00001.parquet")
+    summary = run_scoring(_cfg(shards, tmp_path / "s", caption_sources=["txt", "short"]))
+    assert summary["shards_done"] == 3 and summary["counts"]["samples"] == 3 * 14
+    t = pq.read_table(tmp_path / "s" / "00001.scores.parquet")
     cols = t.column_names
     assert cols[:3] == ["key", "status", "error"]
     assert {"hpsv2_score", "hpsv2_score@short", "caption_alignment_score@short", "sharpness_score",
@@ -83,17 +84,20 @@ def test_score_rows_statuses_and_caption_sources(shards, tmp_path):
     a_txt = np.array([val("caption_alignment_score", k) for k in good])
     a_short = np.array([val("caption_alignment_score@short", k) for k in good])
     assert a_short.mean() >= a_txt.mean() - 1e-6
-    meta = json.loads(pq.read_schema(tmp_path / "s" / "00001.parquet").metadata[b"miro_scoring"])
+    meta = json.loads(pq.read_schema(tmp_path / "s" / "00001.scores.parquet").metadata[b"miro_scoring"])
     assert meta["rewards"]["hpsv2_score"]["model_id"] == "random" and meta["captions"] == ["txt", "short"]
-    stats = json.loads((tmp_path / "s" / "00001.stats.json").read_text())
-    assert stats["num_samples"] == 14 and stats["failures"]["corrupt_image"] == 1
-    assert summary["rewards"]["hpsv2_score"]["images"] == 3 * 11
+    rec = json.loads((tmp_path / "s" / "00001.score.done.json").read_text())
+    assert rec["counts"]["samples"] == 14 and rec["counts"]["failures"]["corrupt_image"] == 1
+    assert rec["input"]["name"] == "00001.tar" and rec["outputs"] == {
+        "00001.scores.parquet": (tmp_path / "s" / "00001.scores.parquet").stat().st_size}
+    assert summary["counts"]["rewards"]["hpsv2_score"]["images"] == 3 * 11
+    assert summary["images_per_s"]["hpsv2_score"] > 0
     # features shared across captions give the same numbers as scoring each caption alone
-    alone = run_scoring(_cfg(shards[1:2], tmp_path / "alone", captions=["short"], rewards=["hpsv2_score"]))
-    t2 = pq.read_table(tmp_path / "alone" / "00001.parquet")
+    alone = run_scoring(_cfg(shards[1:2], tmp_path / "alone", caption_sources=["short"], rewards=["hpsv2_score"]))
+    t2 = pq.read_table(tmp_path / "alone" / "00001.scores.parquet")
     a = np.array(t2.column("hpsv2_score").to_pylist(), dtype=float)
     b = np.array(t.column("hpsv2_score@short").to_pylist(), dtype=float)
-    assert alone["num_samples"] == 14 and np.allclose(a, b, atol=1e-5, equal_nan=True)
+    assert alone["counts"]["samples"] == 14 and np.allclose(a, b, atol=1e-5, equal_nan=True)
 
 
 def test_groups_give_the_same_scores_as_one_pass(shards, tmp_path):
@@ -108,7 +112,7 @@ def test_groups_give_the_same_scores_as_one_pass(shards, tmp_path):
     for c in REWARDS:
         assert np.allclose(np.array(a.column(c).to_pylist(), float), np.array(b.column(c).to_pylist(), float),
                            atol=1e-6, equal_nan=True), c
-    meta = json.loads(pq.read_schema(tmp_path / "two" / "00000.parquet").metadata[b"miro_scoring"])
+    meta = json.loads(pq.read_schema(tmp_path / "two" / "00000.scores.parquet").metadata[b"miro_scoring"])
     assert set(meta["rewards"]) == set(REWARDS)
 
 
@@ -116,7 +120,7 @@ def test_rerun_skips_finished_shards(shards, tmp_path):
     run_scoring(_cfg(shards[:2], tmp_path / "r"))
     m = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r").glob("*.parquet")}
     s = run_scoring(_cfg(shards, tmp_path / "r"))
-    assert s["this_run"]["images"] == 14 and s["shards_done"] == 3
+    assert s["this_run"]["samples"] == 14 and s["shards_done"] == 3
     for name, t in m.items():
         assert (tmp_path / "r" / name).stat().st_mtime_ns == t
 
@@ -130,7 +134,7 @@ def test_a_failing_reward_marks_rows_not_the_run(shards, tmp_path, monkeypatch):
         return torch.zeros(len(images))
     monkeypatch.setattr(SharpnessReward, "score", flaky)
     run_scoring(_cfg(shards[:1], tmp_path / "f", rewards=["sharpness_score"]))
-    t = pq.read_table(tmp_path / "f" / "00000.parquet")
+    t = pq.read_table(tmp_path / "f" / "00000.scores.parquet")
     st = dict(zip(t.column("key").to_pylist(), t.column("status").to_pylist()))
     assert "reward_error:sharpness_score" in st["s000_notxt"]
     assert sum("reward_error" in v for v in st.values()) == 3  # notxt, badtxt, emptytxt
@@ -147,19 +151,22 @@ def test_an_unreadable_shard_is_reported_and_retried(shards, tmp_path):
     s = run_scoring(_cfg([str(bad / "00000.tar"), str(bad / "00001.tar")], tmp_path / "o",
                          rewards=["sharpness_score"]))
     assert s["shards_done"] == 1 and list(s["shards_failed"]) == [str(bad / "00001.tar")]
-    assert (tmp_path / "o" / "00001.error.json").exists() and not (tmp_path / "o" / "00001.parquet").exists()
+    assert "not a tar" in s["shards_failed"][str(bad / "00001.tar")]
+    err = json.loads((tmp_path / "o" / "00001.score.error.json").read_text())
+    assert err["attempts"] == 1  # a whole-shard input error is not retried within the run
+    assert not (tmp_path / "o" / "00001.scores.parquet").exists()
     shutil.copy(shards[1], bad / "00001.tar")  # fixed: the rerun scores it and clears the error
     s = run_scoring(_cfg([str(bad / "00000.tar"), str(bad / "00001.tar")], tmp_path / "o",
                          rewards=["sharpness_score"]))
     assert s["shards_done"] == 2 and not s["shards_failed"]
-    assert not (tmp_path / "o" / "00001.error.json").exists()
+    assert not (tmp_path / "o" / "00001.score.error.json").exists()
 
 
 def test_bf16_weights(shards, tmp_path):
     keys = ["aesthetic_score", "hpsv2_score", "pick_a_score_score", "image_reward_score", "vqa_score"]
     a = run_scoring(_cfg(shards[:1], tmp_path / "fp32", rewards=keys))
     b = run_scoring(_cfg(shards[:1], tmp_path / "bf16", rewards=keys, weights_dtype="bf16"))
-    assert a["num_ok"] == b["num_ok"] == 8
+    assert a["counts"]["ok"] == b["counts"]["ok"] == 8
     ta, tb = read_scores(str(tmp_path / "fp32")), read_scores(str(tmp_path / "bf16"))
     for k in keys:
         x = np.array(ta.column(k).to_pylist(), float)

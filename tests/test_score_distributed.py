@@ -50,21 +50,22 @@ def test_torchrun_killed_and_resumed(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     t0 = time.time()
     while time.time() - t0 < 150:
-        if len(list(out.glob("*.parquet"))) >= 1 or p.poll() is not None:
+        if len(list(out.glob("*.score.done.json"))) >= 1 or p.poll() is not None:
             break
         time.sleep(0.2)
     assert p.poll() is None, p.stdout.read().decode()[-3000:]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    done_before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")}
+    done_before = {f.name: f.stat().st_mtime_ns for f in out.glob("*.scores.parquet")
+                   if (out / f.name.replace(".scores.parquet", ".score.done.json")).exists()}
     assert 1 <= len(done_before) < 6, done_before
-    assert not (out / "summary.json").exists()
+    assert not (out / "score.summary.json").exists()
     # 2) resume: finished shards are kept as they are, the others are scored, nothing twice
     r = subprocess.run(_cmd(glob, out, 0.0), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=180)
     assert r.returncode == 0, r.stdout.decode()[-3000:]
     files = sorted(out.glob("*.parquet"))
-    assert [f.name for f in files] == [f"{i:05d}.parquet" for i in range(6)]
+    assert [f.name for f in files] == [f"{i:05d}.scores.parquet" for i in range(6)]
     for name, mtime in done_before.items():
         assert (out / name).stat().st_mtime_ns == mtime, f"{name} was rescored"
     keys = []
@@ -72,13 +73,14 @@ def test_torchrun_killed_and_resumed(tmp_path):
         t = pq.read_table(f)
         keys += t.column("key").to_pylist()
         st = dict(zip(t.column("key").to_pylist(), t.column("status").to_pylist()))
-        assert st[f"s{int(f.stem):03d}_corrupt"] == "corrupt_image"
-        assert st[f"s{int(f.stem):03d}_notxt"] == "missing_txt"
+        n = int(f.name.split(".")[0])
+        assert st[f"s{n:03d}_corrupt"] == "corrupt_image"
+        assert st[f"s{n:03d}_notxt"] == "missing_txt"
     assert sorted(keys) == sorted(expected)  # none lost, none duplicated
     assert not list(out.glob(".*tmp*"))
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["shards_done"] == 6 and summary["num_samples"] == 72
-    assert summary["num_ok"] == 36 and summary["world_size"] == 2
-    assert summary["failures_by_kind"]["corrupt_image"] == 6
-    assert set(summary["rewards"]) == {"caption_alignment_score", "sharpness_score", "hpsv2_score"}
-    assert summary["rewards"]["hpsv2_score"]["images_per_s"] > 0
+    summary = json.loads((out / "score.summary.json").read_text())
+    assert summary["shards_done"] == 6 and summary["complete"] and summary["counts"]["samples"] == 72
+    assert summary["counts"]["ok"] == 36 and len(summary["this_run"]["per_rank"]) == 2
+    assert summary["counts"]["failures"]["corrupt_image"] == 6
+    assert set(summary["counts"]["rewards"]) == {"caption_alignment_score", "sharpness_score", "hpsv2_score"}
+    assert summary["timing"]["rewards"]["hpsv2_score"] > 0

@@ -279,6 +279,13 @@ def scan_tar(tar_path: str) -> ShardIndex:
                                 "before it", tar_path, entries[-1][0] if entries else None, e)
                     break
                 if ti is None:
+                    if entries and file_size - tf.offset < 512:
+                        # no end-of-archive block: cut at a member boundary, so the last sample may
+                        # be missing members
+                        truncated, cut_key = True, entries[-1][0]
+                        entries = [e for e in entries if e[0] != cut_key]
+                        log.warning("%s: tar ends without its end-of-archive block (truncated after %s); "
+                                    "indexed the samples before it", tar_path, cut_key)
                     break
                 if not ti.isreg():
                     continue

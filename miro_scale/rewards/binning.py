@@ -288,20 +288,26 @@ def apply_bins(table, bins: Dict[str, RewardBins], missing: str = "drop"):
 
 
 def rewards_by_key(table_binned) -> dict:
-    """A binned table (:func:`apply_bins`) as ``{key: {column: {"raw", "bin", "value"}}}``, the
-    layout of the shard format's json rewards. A missing reward (policy ``nan``) has ``bin`` and
-    ``value`` None (loaders skip the sample as ``missing_reward``); a non-finite raw score is None;
-    an imputed one (policy ``median``) carries ``"imputed": true``."""
+    """A binned table (:func:`apply_bins`, with the bin stage's ``miro_bins`` metadata giving each
+    reward's number of bins) as ``{key: {column: {"raw", "bin", "value"}}}``, the layout of the shard
+    format's json rewards, with value = bin / (num_bins - 1) exactly. A missing reward (policy
+    ``nan``) has ``bin`` and ``value`` None (loaders skip the sample as ``missing_reward``); a
+    non-finite raw score is None; an imputed one (policy ``median``) carries ``"imputed": true``."""
+    num_bins = json.loads((table_binned.schema.metadata or {}).get(b"miro_bins", b"{}")).get("num_bins", {})
     cols = table_binned.column_names
     rewards = [c[: -len(".bin")] for c in cols if c.endswith(".bin")]
+    missing = sorted({base_key(r) for r in rewards} - set(num_bins))
+    if missing:
+        raise ValueError(f"binned table has no num_bins for {missing} in its miro_bins metadata")
     data = {c: table_binned.column(c).to_numpy(zero_copy_only=False) for c in cols if c != "key"}
     out = {}
     for i, k in enumerate(table_binned.column("key").to_pylist()):
         ent = {}
         for r in rewards:
-            raw, b, v = float(data[f"{r}.raw"][i]), int(data[f"{r}.bin"][i]), float(data[f"{r}.value"][i])
-            e = {"raw": raw if math.isfinite(raw) else None, "bin": b if b >= 0 else None,
-                 "value": v if b >= 0 and math.isfinite(v) else None}
+            raw, b = float(data[f"{r}.raw"][i]), int(data[f"{r}.bin"][i])
+            e = {"raw": raw if math.isfinite(raw) else None, "bin": None, "value": None}
+            if b >= 0:
+                e["bin"], e["value"] = b, b / (num_bins[base_key(r)] - 1)
             if f"{r}.imputed" in data and bool(data[f"{r}.imputed"][i]):
                 e["imputed"] = True
             ent[r] = e

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -39,7 +40,7 @@ from miro_scale.data.sidecars import (by_reason, check_sidecar, iter_members, op
 
 from .base import Reward, View
 from .registry import build_reward, canonical_key
-from .scores_io import write_table_atomic
+from miro_scale.atomic import write_parquet_atomic
 
 STATUS_OK = "ok"
 STAGE = "score"
@@ -373,7 +374,7 @@ def _merge_parts(task: shard_jobs.ShardTask, parts_dir: Path, ngroups: int) -> d
     meta["rewards"] = meta_rewards
     table = pa.table({"key": pa.array(keys, pa.string()), "status": pa.array(status, pa.string()),
                       "error": pa.array(error, pa.string()), **cols})
-    write_table_atomic(table.replace_schema_metadata({"miro_scoring": json.dumps(meta, sort_keys=True)}),
+    write_parquet_atomic(table.replace_schema_metadata({"miro_scoring": json.dumps(meta, sort_keys=True)}),
                        task.path("{stem}.scores.parquet"))
     counts: dict = {}
     for rec in recs:
@@ -436,7 +437,7 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
             rows, counts, timing = scorer.score_shard(task.shard, captions, task.bar)
             meta = {"shard": os.path.basename(task.shard), "rewards": {r.key: r.info() for r in scorer.rewards},
                     "captions": cfg.caption_sources}
-            write_table_atomic(_rows_to_table(rows, scorer.cols, meta), task.path(output))
+            write_parquet_atomic(_rows_to_table(rows, scorer.cols, meta), task.path(output))
             counts["timing"] = timing
             return counts
 
@@ -464,6 +465,8 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
                     stem = shard_jobs.shard_stem(s)
                     (parts_dir / f"{stem}.g{g}.parquet").unlink(missing_ok=True)
                     shard_jobs.done_path(parts_dir, f"{STAGE}-g{g}", stem).unlink(missing_ok=True)
+        if summary is not None and summary["complete"]:
+            shutil.rmtree(parts_dir, ignore_errors=True)
     if summary is not None:
         summary["images_per_s"] = images_per_second(summary)
     return summary
