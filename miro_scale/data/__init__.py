@@ -11,8 +11,8 @@ Entry points (all plain functions/classes with explicit arguments):
   (for URLs/object stores without random access), exactly once at shard granularity.
 - :func:`make_loader` — picks one of the above by name.
 - :class:`~miro_scale.data.writer.ShardWriter` — atomic shards + DALI index + manifest.
-- ``python -m miro_scale.data.reshard`` / :func:`~miro_scale.data.reshard.reshard` — merge sidecar
-  rewards, reshard, index.
+- :mod:`~miro_scale.data.sidecars`, :mod:`~miro_scale.data.encode`, :mod:`~miro_scale.data.join` —
+  the per-shard sidecars, the encode stage and the shard stage (commands in ``preprocessing/``).
 - ``python -m miro_scale.data.synthetic_world`` / :func:`~miro_scale.data.synthetic_world.generate`.
 - ``python -m miro_scale.data.bench`` — loader throughput.
 

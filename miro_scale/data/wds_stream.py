@@ -28,6 +28,7 @@ import torch
 from .decode import DEFAULT_MAX_PIXELS
 from .format import IMAGE_EXTS, JSON_EXT, TEXT_EXT, SampleError
 from .loader import RowBuilder, _identity, text_emb_ext
+from .tario import normalize_member_name
 
 log = logging.getLogger("miro_scale.data")
 
@@ -144,7 +145,7 @@ class WdsStreamLoader(RowBuilder):
                 return
             rows, keys, wheres = [], [], []
             for sample in chunk:
-                key = sample.get("__key__", "?")
+                key = normalize_member_name(sample.get("__key__", "?")) or "?"  # './KEY' is KEY, as in tario
                 where = f"{sample.get('__url__', '?')}:{key}"
                 mem = {k: v for k, v in sample.items() if not k.startswith("__")}
 
