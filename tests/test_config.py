@@ -91,3 +91,24 @@ def test_lamb_under_zero_sharding_is_refused():
         config_from_dict(data)
     data["optim"]["name"] = "adamw"
     assert config_from_dict(data).engine.zero_stage == 2
+
+
+def test_impossible_data_settings_are_refused():
+    shards = {"source": "shards", "shards": "train/"}
+    with pytest.raises(ConfigError, match=r"data\.loader: 'dali' decodes images; latent mode"):
+        config_from_dict(tiny_config_dict(data={**shards, "loader": "dali", "mode": "latent"}))
+    with pytest.raises(ConfigError, match=r"data\.loader: 'dali' does not read precomputed text embeddings"):
+        config_from_dict(tiny_config_dict(data={**shards, "loader": "dali", "mode": "image", "resolution": 64,
+                                                "precomputed_text": True}))
+    with pytest.raises(ConfigError, match=r"data\.caption_source: weights must be >= 0"):
+        config_from_dict(tiny_config_dict(data={"caption_source": {"txt": -1.0, "long": 1.0}}))
+    cfg = config_from_dict(tiny_config_dict(data={**shards, "caption_source": {"txt": 0.5, "long": 0.5}}))
+    assert cfg.data.caption_mix() == {"txt": 0.5, "long": 0.5}
+
+
+def test_the_recipe_trains_on_precomputed_shards():
+    cfg = load_config(ROOT / "configs/miro_16m.json")
+    d = cfg.data
+    assert (d.source, d.mode, d.loader, d.precomputed_text, d.max_text_len) == ("shards", "latent", "pil", True, 256)
+    assert d.caption_mix() == {"txt": 0.5, "long": 0.5} and cfg.flow.sample_posterior
+    assert load_config(ROOT / "configs/miro_16m_random_tensors.json").data.source == "synthetic_tensors"
