@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -71,7 +70,7 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_cfg):
     batch = {"latents": torch.randn(4, 4, m.latent_size, m.latent_size) * 4,
              "text_embeddings": torch.randn(4, 5, m.text_dim), "text_mask": torch.ones(4, 5, dtype=torch.bool),
              "rewards": torch.rand(4, 3)}
-    losses, start = [], time.perf_counter()
+    losses = []
     for step in range(400):
         # Fixed noise and gamma too: the batch is fully fixed, so the model can memorise it.
         loss, _ = flow_matching_loss(model, batch, cfg.flow, False, torch.Generator().manual_seed(0))
@@ -81,7 +80,6 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_cfg):
         losses.append(loss.item())
         if step > 50 and losses[-1] < losses[0] / 20:
             break
-    assert time.perf_counter() - start < 60
     assert min(losses[-5:]) < losses[0] / 10, (losses[0], losses[-5:])
 
 
