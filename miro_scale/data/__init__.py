@@ -5,8 +5,9 @@ Entry points (all plain functions/classes with explicit arguments):
 
 - :class:`~miro_scale.data.loader.WebDatasetLoader` — PIL decode + torch DataLoader workers;
   ``mode="image"`` or ``mode="latent"`` (npy latents), optional text embeddings.
-- :class:`~miro_scale.data.dali_loader.DaliLoader` — DALI ``fn.readers.webdataset``; GPU ("mixed")
-  decode with ``device_id=<int>``, the same pipeline on the CPU with ``device_id=None``.
+- :class:`~miro_scale.data.dali_loader.DaliLoader` — bytes read and probed in Python, decoded by DALI
+  (GPU "mixed" decoder with ``device_id=<int>``, the CPU one with ``device_id=None``); images DALI
+  must not see (a GIF named .jpg, a truncated JPEG, too many pixels) go to PIL or are skipped.
 - :class:`~miro_scale.data.wds_stream.WdsStreamLoader` — the webdataset package's streaming reader
   (for URLs/object stores without random access), exactly once at shard granularity.
 - :func:`make_loader` — picks one of the above by name.

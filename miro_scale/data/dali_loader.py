@@ -1,35 +1,31 @@
-"""DALI loader: ``fn.readers.webdataset`` + image decode, resize and crop/normalise on the GPU
-("mixed" decoder) or, with ``device_id=None``, the same pipeline on the CPU.
+"""DALI loader: image decode, resize and crop/normalise on the GPU ("mixed" decoder) or, with
+``device_id=None``, the same pipeline on the CPU; reading, captions and rewards in Python.
 
 It follows the same plan as :class:`miro_scale.data.loader.WebDatasetLoader` (same samples, same
-order, same batches, same state): for the rest of this rank's epoch, each run of consecutive samples
-from one shard becomes one ``paths``/``index_paths`` entry, whose DALI index file (written to a
-temporary directory) lists exactly those samples in plan order; DALI reads them in sequence with
-``pad_last_batch=True`` and the padded rows of the last batch are dropped, so nothing wraps into the
-next epoch and nothing is duplicated. Each row's ``source_info`` (tar:offset:member) is checked
-against the plan, so a mismatch fails loudly instead of mislabelling a sample.
-
-A decoder error (corrupt or truncated image) fails a whole DALI batch: that batch is then decoded
-with PIL (the bad samples are skipped with a warning naming shard and key and counted), and the
-pipeline is rebuilt from the next batch. Captions and json (rewards) are parsed in Python.
+order, same batches, same state). A producer thread reads each batch's members by offset, in plan
+order, parses captions and json (rewards) and probes every image's header
+(:func:`~miro_scale.data.decode.probe_image`). Only complete JPEG, PNG and WebP files are fed to DALI
+(``fn.external_source``): DALI's GPU decoder can kill the process on a file it cannot read, before
+any fallback runs. Other images PIL reads (a GIF named .jpg) are decoded with PIL as the torch loader
+does and merged back in plan order; empty, unreadable, truncated or too-large images are skipped with
+a warning naming shard and key and counted. Should DALI still fail on a batch, that batch is decoded
+with PIL (``dali_batch_fallback``).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections import Counter
+import queue
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .decode import DEFAULT_MAX_PIXELS, decode_image, resize_center_crop
-from .format import IMAGE_EXTS, INDEX_VERSION, JSON_EXT, TEXT_EXT, SampleError, image_ext, split_member_name
+from .decode import DEFAULT_MAX_PIXELS, decode_image, probe_image, resize_center_crop
+from .format import JSON_EXT, TEXT_EXT, SampleError, image_ext
 from .loader import PlannedLoader
 from .plan import num_batches
 from .tario import MemberReader
-
-_IMAGE_EXT_ARG = ";".join(IMAGE_EXTS)
 
 
 def dali_available() -> bool:
@@ -40,16 +36,49 @@ def dali_available() -> bool:
     return True
 
 
+@dataclass
+class _Batch:
+    """A plan batch between the producer and the consumer. ``rows``: (key, where, caption, rewards,
+    image) in plan order; image is the encoded bytes for DALI or a PIL-decoded uint8 [3, H, W]."""
+    index: int
+    rows: list = field(default_factory=list)
+    stats: Counter = field(default_factory=Counter)
+    messages: list = field(default_factory=list)
+    pipe: object = None  # the pipeline its DALI images were scheduled on
+    # why DALI failed on them: a string, as a stored exception would tie this batch and its
+    # pipeline into a reference cycle through the traceback (see _iter_epoch)
+    error: str | None = None
+
+    @property
+    def encoded(self) -> list:
+        return [r[4] for r in self.rows if isinstance(r[4], bytes)]
+
+
+def _reason(e: Exception) -> str:
+    """The operator's own words from a DALI error (its first lines are generic)."""
+    lines = str(e).split("encountered:")[-1].strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
 class DaliLoader(PlannedLoader):
     """Args (besides :class:`miro_scale.data.loader.PlannedLoader`'s): ``device_id`` (CUDA device for
     the "mixed" decoder and GPU ops; None runs everything on the CPU), ``num_threads`` (DALI CPU
-    threads), ``prefetch_queue_depth``, ``tmp_dir`` (where per-epoch index files go),
-    ``max_pixels`` (for the PIL fallback). Only ``mode="image"``; precomputed latents go through
-    WebDatasetLoader."""
+    threads), ``prefetch_queue_depth`` (batches read and decoded ahead of the one handed out),
+    ``max_pixels`` (larger images are skipped). Only ``mode="image"``; precomputed latents go
+    through WebDatasetLoader."""
 
     def __init__(self, shards, batch_size: int, *, device_id: int | None = None, num_threads: int = 4,
-                 prefetch_queue_depth: int = 2, tmp_dir: str | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, **kw):
+                 prefetch_queue_depth: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, **kw):
         if kw.get("mode", "image") != "image":
             raise ValueError("DaliLoader reads images only; use WebDatasetLoader(mode='latent') for "
                              "precomputed latents")
@@ -63,52 +92,75 @@ class DaliLoader(PlannedLoader):
                                "for the CPU pipeline")
         self.device_id = device_id
         self.num_threads = int(num_threads)
-        self.prefetch_queue_depth = int(prefetch_queue_depth)
-        self.tmp_dir = tmp_dir
-        self.max_pixels = max_pixels
+        self.prefetch_queue_depth = max(1, int(prefetch_queue_depth))
+        self.max_pixels = int(max_pixels)
 
-    # -- pipeline ------------------------------------------------------------------------------
-    def _write_entries(self, ids: np.ndarray, d: str):
-        """One (tar, index file) entry per run of consecutive samples from one shard."""
-        di = self.index
-        paths, idxs = [], []
-        if len(ids) == 0:
-            return paths, idxs
-        sh = di.shard_of[ids]
-        cuts = np.flatnonzero(np.diff(sh)) + 1
-        for k, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, len(ids)])):
-            s = int(sh[a])
-            shard_idx = di.indices[s]
-            pos = di.pos_of[ids[a:b]]
-            p = os.path.join(d, f"{k:07d}.idx")
-            with open(p, "w") as f:
-                lines = shard_idx.index_lines(pos)
-                f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
-            paths.append(os.path.abspath(di.shards[s]))
-            idxs.append(p)
-        return paths, idxs
+    @property
+    def _device(self) -> torch.device:
+        return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
 
-    def _build(self, paths, idxs):
+    # -- producer (thread): read, parse, probe --------------------------------------------------
+    def _pil_chw(self, data: bytes, where: str) -> np.ndarray:
+        im = decode_image(data, where, min_size=self.resolution, max_pixels=self.max_pixels)
+        return resize_center_crop(im, self.resolution).transpose(2, 0, 1)
+
+    def _row(self, i: int, reader: MemberReader, epoch: int) -> tuple:
+        get, mem, where = self._member_getter(i, reader)
+        # caption and rewards first, as the torch loader does, so a sample is skipped for the same reason
+        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
+        ext = image_ext(mem)
+        if ext is None:
+            raise SampleError("missing_image", f"{where}: no image member")
+        data = get(ext)
+        try:
+            dali_safe = probe_image(data, where, self.max_pixels).dali_safe
+        except SampleError as e:
+            if e.reason != "too_large" or data[:2] != b"\xff\xd8":
+                raise
+            # decode_image reads a big JPEG at reduced DCT scale and applies max_pixels to that
+            # size: let it decide, as in the torch loader
+            dali_safe = False
+        image = data if dali_safe else self._pil_chw(data, where)
+        return self.index.key(i), where, caption, rewards, image
+
+    def _produce(self, order, start_batch: int, nb: int, epoch: int, out: queue.Queue,
+                 stop: threading.Event) -> None:
+        B = self.batch_size
+        reader = MemberReader()
+        try:
+            for b in range(start_batch, nb):
+                batch = _Batch(b)
+                for i in order[b * B:(b + 1) * B]:
+                    i = int(i)
+                    row = self._guarded(lambda: self._row(i, reader, epoch), self.index.where(i),
+                                        batch.stats, batch.messages)
+                    if row is not None:
+                        batch.rows.append(row)
+                if not _put(out, batch, stop):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            _put(out, e, stop)
+        finally:
+            reader.close()
+
+    # -- DALI -----------------------------------------------------------------------------------
+    def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
         res = self.resolution
-        gpu = self.device_id is not None
 
+        # Depth 1: each schedule_run() runs exactly the batch fed before it; _iter_epoch keeps
+        # prefetch_queue_depth of them in flight, so each output belongs to a known plan batch.
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=self.device_id, prefetch_queue_depth=self.prefetch_queue_depth,
-                      exec_dynamic=True)
+                      device_id=self.device_id, prefetch_queue_depth=1, exec_dynamic=True)
         def pipe():
-            img, txt, js = fn.readers.webdataset(
-                paths=paths, index_paths=idxs, ext=[_IMAGE_EXT_ARG, TEXT_EXT, JSON_EXT],
-                missing_component_behavior="empty", dtypes=[types.UINT8] * 3,
-                random_shuffle=False, pad_last_batch=True, name="reader")
-            info = fn.get_property(img, key="source_info")
-            dec = fn.decoders.image(img, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, batch=True)
+            dec = fn.decoders.image(enc, device="cpu" if self.device_id is None else "mixed",
+                                    output_type=types.RGB)
             dec = fn.resize(dec, resize_shorter=res, interp_type=types.INTERP_CUBIC, antialias=True)
-            out = fn.crop_mirror_normalize(dec, crop=(res, res), crop_pos_x=0.5, crop_pos_y=0.5,
-                                           mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT,
-                                           output_layout="CHW")
-            return out, txt, js, info
+            return fn.crop_mirror_normalize(dec, crop=(res, res), crop_pos_x=0.5, crop_pos_y=0.5,
+                                            mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT,
+                                            output_layout="CHW")
 
         p = pipe()
         p.build()
@@ -118,123 +170,94 @@ class DaliLoader(PlannedLoader):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         t = tl.as_tensor()
-        dev = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
-        out = torch.empty(tuple(t.shape()), dtype=torch.float32, device=dev)
+        out = torch.empty(tuple(t.shape()), dtype=torch.float32, device=self._device)
         if self.device_id is not None:
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev))
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._device))
         else:
             feed_ndarray(t, out)
         return out
 
-    # -- batches -------------------------------------------------------------------------------
-    def _rows_to_batch(self, ids, images, txts, jsons, infos):
-        """Parse text/json, check source_info, drop failed rows. ``images``: tensor [n, 3, H, W]
-        (or None rows for the PIL path, handled by the caller)."""
-        di = self.index
-        stats: Counter = Counter()
-        messages: list = []
-        keep, keys, wheres, texts, rewards = [], [], [], [], []
-        for r, i in enumerate(ids):
-            i = int(i)
-            where = di.where(i)
-            if infos is not None:
-                info = infos[r]
-                member = info.rsplit(":", 1)[-1]
-                if split_member_name(member)[0] != di.key(i):
-                    raise RuntimeError(f"DALI returned {info} where the plan has {where}; "
-                                       "the reader and the plan disagree")
+    # -- consumer -------------------------------------------------------------------------------
+    def _assemble(self, batch: _Batch) -> tuple[dict, bool]:
+        """The batch dict, with DALI's images put back in plan order; (batch, DALI failed)."""
+        dali, failed = None, False
+        if batch.pipe is not None:
             try:
-                caption, rv = self._text_and_rewards(txts[r], jsons[r], where, i, self.epoch)
-            except SampleError as e:
-                stats[e.reason] += 1
-                messages.append(f"{e} (skipped)")
-                continue
-            keep.append(r)
-            keys.append(di.key(i))
-            wheres.append(where)
-            texts.append(caption)
-            rewards.append(rv)
-        return keep, keys, wheres, texts, rewards, stats, messages
-
-    def _finish(self, images, keep, keys, wheres, texts, rewards):
-        if len(keep) != images.shape[0]:
-            images = images[torch.as_tensor(keep, dtype=torch.long, device=images.device)]
-        rw = (torch.from_numpy(np.stack(rewards)) if rewards
-              else torch.zeros((0, len(self.reward_keys))))
-        return {"image": images, "keys": keys, "where": wheres, "text": texts, "rewards": rw}
-
-    def _pil_batch(self, ids):
-        """Fallback after a DALI decoder error: decode this batch with PIL, skipping bad images."""
-        di = self.index
-        reader = MemberReader()
-        stats: Counter = Counter()
-        messages: list = []
-        imgs, ok_ids, txts, jsons = [], [], [], []
-        try:
-            for i in ids:
-                i = int(i)
-                mem = di.members(i)
-                path = di.shards[di.shard_of[i]]
-                where = di.where(i)
-                get = (lambda ext: reader.read(path, mem[ext][0], mem[ext][1]) if ext in mem else None)
-                try:
-                    im = decode_image(get(image_ext(mem)), where, min_size=self.resolution,
-                                      max_pixels=self.max_pixels)
-                except SampleError as e:
-                    stats[e.reason] += 1
-                    messages.append(f"{e} (skipped; DALI decoder failed on this batch)")
-                    continue
-                imgs.append(resize_center_crop(im, self.resolution).transpose(2, 0, 1))
-                ok_ids.append(i)
-                txts.append(get(TEXT_EXT))
-                jsons.append(get(JSON_EXT))
-        finally:
-            reader.close()
-        keep, keys, wheres, texts, rewards, st2, m2 = self._rows_to_batch(ok_ids, None, txts, jsons, None)
-        stats.update(st2)
-        messages += m2
-        res = self.resolution
-        images = (torch.from_numpy(np.stack(imgs)).float().div_(127.5).sub_(1.0) if imgs
-                  else torch.zeros((0, 3, res, res)))
-        if self.device_id is not None:
-            images = images.to(torch.device("cuda", self.device_id))
-        return self._finish(images, keep, keys, wheres, texts, rewards), stats, messages
+                (out,) = batch.pipe.outputs()
+                dali = self._dali_to_torch(out)
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+                batch.error = _reason(e)
+        rows = batch.rows
+        if batch.error is not None:
+            failed = True
+            batch.stats["dali_batch_fallback"] += 1
+            batch.messages.insert(0, f"DALI failed on batch {batch.index} of epoch {self.epoch} "
+                                  f"({batch.error}); decoded it with PIL")
+            decoded = []
+            for key, where, caption, rewards, image in rows:
+                if isinstance(image, bytes):
+                    try:
+                        image = self._pil_chw(image, where)
+                    except SampleError as e:
+                        batch.stats[e.reason] += 1
+                        batch.messages.append(f"{e} (skipped; DALI decoder failed on this batch)")
+                        continue
+                decoded.append((key, where, caption, rewards, image))
+            rows = decoded
+        from_pil = [j for j, r in enumerate(rows) if not isinstance(r[4], bytes)]
+        if dali is not None and not from_pil:
+            images = dali
+        else:
+            res = self.resolution
+            images = torch.empty((len(rows), 3, res, res), dtype=torch.float32, device=self._device)
+            if from_pil:
+                pil = torch.from_numpy(np.stack([rows[j][4] for j in from_pil]))
+                images[from_pil] = pil.to(self._device).float().div_(127.5).sub_(1.0)
+            if dali is not None:
+                images[[j for j, r in enumerate(rows) if isinstance(r[4], bytes)]] = dali
+        rewards = (torch.from_numpy(np.stack([r[3] for r in rows])) if rows
+                   else torch.zeros((0, len(self.reward_keys))))
+        return {"image": images, "keys": [r[0] for r in rows], "where": [r[1] for r in rows],
+                "text": [r[2] for r in rows], "rewards": rewards}, failed
 
     def _iter_epoch(self, order, start_batch):
-        B = self.batch_size
-        nb = num_batches(len(order), B)
-        b = start_batch
-        while b < nb:
-            d = tempfile.mkdtemp(prefix="miro_dali_idx_", dir=self.tmp_dir)
-            pipe = None
-            try:
-                paths, idxs = self._write_entries(order[b * B:], d)
-                pipe = self._build(paths, idxs)
-                rebuild = False
-                while b < nb and not rebuild:
-                    ids = order[b * B:(b + 1) * B]
+        nb = num_batches(len(order), self.batch_size)
+        depth = self.prefetch_queue_depth
+        ready: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, name="miro-dali-reader", daemon=True,
+                                    args=(order, start_batch, nb, self.epoch, ready, stop))
+        producer.start()
+        pipe, fails = None, 0  # the current pipeline and its consecutive failed batches
+        inflight: deque = deque()
+        try:
+            for b in range(start_batch, nb):
+                batch = ready.get()
+                if isinstance(batch, BaseException):
+                    raise batch
+                if batch.encoded:
+                    if pipe is None:
+                        pipe, fails = self._build(), 0
                     try:
-                        out, txt, js, info = pipe.run()
-                    except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
-                        batch, stats, messages = self._pil_batch(ids)
-                        messages.insert(0, f"DALI failed on batch {b} of epoch {self.epoch} "
-                                        f"({str(e).splitlines()[0][:200]}); decoded it with PIL")
-                        stats["dali_batch_fallback"] += 1
-                        yield b, batch, stats, messages
-                        b += 1
-                        rebuild = True
-                        break
-                    n = len(ids)
-                    txts = [bytes(np.asarray(txt.at(r))) if np.asarray(txt.at(r)).size else None
-                            for r in range(n)]
-                    jsons = [bytes(np.asarray(js.at(r))) if np.asarray(js.at(r)).size else None
-                             for r in range(n)]
-                    infos = [bytes(np.asarray(info.at(r))).decode("utf-8", "replace") for r in range(n)]
-                    images = self._dali_to_torch(out)[:n]
-                    keep, keys, wheres, texts, rewards, stats, messages = self._rows_to_batch(
-                        ids, images, txts, jsons, infos)
-                    yield b, self._finish(images, keep, keys, wheres, texts, rewards), stats, messages
-                    b += 1
-            finally:
-                del pipe
-                shutil.rmtree(d, ignore_errors=True)
+                        pipe.feed_input("encoded", [np.frombuffer(x, np.uint8) for x in batch.encoded])
+                        pipe.schedule_run()
+                        batch.pipe = pipe
+                    except Exception as e:  # noqa: BLE001 - a pipeline that refuses input is broken
+                        batch.error, pipe = _reason(e), None
+                inflight.append(batch)
+                while len(inflight) > (depth if b + 1 < nb else 0):  # the last batch drains the rest
+                    batch = inflight.popleft()
+                    out, failed = self._assemble(batch)
+                    if batch.pipe is not None and batch.pipe is pipe:
+                        # one failure is the data's; two in a row and the pipeline may be broken
+                        fails = fails + 1 if failed else 0
+                        if fails == 2:
+                            pipe = None
+                    yield batch.index, out, batch.stats, batch.messages
+        finally:
+            stop.set()
+            producer.join()
+            # Drop the pipelines now, even if a traceback keeps this frame: one left to the garbage
+            # collector may be finalised in a forked DataLoader worker, where DALI's destructor hangs.
+            pipe = batch = None
+            inflight.clear()

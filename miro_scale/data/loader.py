@@ -322,6 +322,23 @@ class PlannedLoader(RowBuilder):
         if "stats" in state:
             self.stats = Counter(state["stats"])
 
+    def _member_getter(self, i: int, reader: MemberReader):
+        """(get, members, where) of sample i: ``get(ext)`` reads a member's bytes by offset (None
+        when the sample has no such member)."""
+        di = self.index
+        path, mem, where = di.shards[di.shard_of[i]], di.members(i), di.where(i)
+
+        def get(ext):
+            if ext not in mem:
+                return None
+            off, size, _ = mem[ext]
+            try:
+                return reader.read(path, off, size)
+            except (OSError, EOFError) as e:
+                raise SampleError("read_error", f"{where}: cannot read .{ext} ({e})") from None
+
+        return get, mem, where
+
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (from ``batch_in_epoch``); then the epoch advances."""
@@ -417,20 +434,7 @@ class WebDatasetLoader(PlannedLoader):
             yield b, self._to_torch(arrays), stats, messages
 
     def _load_sample(self, i: int, reader: MemberReader, epoch: int) -> dict:
-        di = self.index
-        path = di.shards[di.shard_of[i]]
-        mem = di.members(i)
-        where = di.where(i)
-
-        def get(ext):
-            if ext not in mem:
-                return None
-            off, size, _ = mem[ext]
-            try:
-                return reader.read(path, off, size)
-            except (OSError, EOFError) as e:
-                raise SampleError("read_error", f"{where}: cannot read .{ext} ({e})") from None
-
+        get, mem, where = self._member_getter(i, reader)
         return self._row(get, mem, where, i, epoch)
 
     def _load_batch(self, ids: np.ndarray, reader: MemberReader, epoch: int):

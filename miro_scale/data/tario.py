@@ -136,15 +136,6 @@ class ShardIndex:
         return {e: (int(self.offsets[j, c]), int(self.sizes[j, c]), f"{k}.{e}")
                 for c, e in enumerate(self.exts) if self.sizes[j, c] >= 0}
 
-    def index_lines(self, positions) -> list:
-        """DALI index lines for the samples at ``positions`` (in that order)."""
-        out = []
-        for j in positions:
-            k = self.key(j)
-            out.append(" ".join(f"{e} {int(self.offsets[j, c])} {int(self.sizes[j, c])} {k}.{e}"
-                                for c, e in enumerate(self.exts) if self.sizes[j, c] >= 0))
-        return out
-
     def max_end(self) -> int:
         if self.sizes.size == 0:
             return 0
