@@ -268,22 +268,31 @@ def _total_samples(shards: Sequence[str]) -> Optional[int]:
     return total
 
 
+def _distributed(world: int):
+    """torch.distributed when several ranks run together or torch is loaded anyway; None keeps a
+    one-process stage that does not need torch (bin) free of its import."""
+    if world > 1 or "torch" in sys.modules:
+        import torch.distributed as dist
+        return dist
+    return None
+
+
 def run(job: ShardJob, shards: Sequence[str], rank: Optional[int] = None,
         world: Optional[int] = None) -> Optional[dict]:
     """Process this rank's unfinished shards. Returns the summary on rank 0 (or on every rank of
     independent jobs), else None."""
-    import torch.distributed as dist
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     env_rank, env_world = dist_env()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world
+    dist = _distributed(world)
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mine = assign(shards, rank, world, job.stem_of)
     initialized_here = False
-    if world > 1 and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
+    if dist is not None and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
         from datetime import timedelta
         # gloo carries only the final barrier and stats; ranks may finish hours apart
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(hours=72))
@@ -309,14 +318,14 @@ def run(job: ShardJob, shards: Sequence[str], rank: Optional[int] = None,
     bar.close()
     mine_info = {"rank": rank, "shards_processed": counters["processed"], "shards_failed": counters["failed"],
                  "samples": counters["samples"], "seconds": round(time.perf_counter() - t_run, 3)}
-    if dist.is_initialized():
+    if dist is not None and dist.is_initialized():
         dist.barrier()
         gathered = [None] * world
         dist.all_gather_object(gathered, mine_info)
     else:
         gathered = [mine_info]
     summary = None
-    if rank == 0 or not dist.is_initialized():
+    if rank == 0 or dist is None or not dist.is_initialized():
         summary = summarize(job, shards, gathered)
     if initialized_here:
         dist.destroy_process_group()
