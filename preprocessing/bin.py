@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from miro_scale.rewards.scores_io import finished_score_files, scoring_metadata
     shard_jobs.setup_logging()
     out = Path(a.out)
-    records = shard_jobs.finished_inputs(a.scores, "score")
+    # the source tar each scores file was made from (only that: records of 10k+ shards add up)
+    sources = {stem: rec["source"] for stem, rec in shard_jobs.finished_inputs(a.scores, "score").items()}
     files = [str(f) for f in finished_score_files(a.scores)]
     if not files:
         raise SystemExit(f"--scores {a.scores}: no finished score shards (*.score.done.json); "
@@ -92,8 +93,7 @@ def main(argv=None) -> int:
             "num_bins": {k: b.num_bins for k, b in bins.items()}}
 
     def process(task):
-        rec = records[task.stem]
-        task.source = rec["source"]
+        task.source = sources[task.stem]
         part = pq.read_table(task.shard)
         captions = json.loads(part.schema.metadata[b"miro_scoring"]).get("captions", ["txt"])
         part = part.select([c for c in part.column_names if c in ("key", "status", "error")

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     from miro_scale import shard_jobs
     from miro_scale.config import ConfigError, config_to_dict, load_config
-    from miro_scale.data.encode import OUTPUT, STAGE, EncodeSettings, ShardEncoder
+    from miro_scale.data.encode import INDEX, OUTPUT, STAGE, EncodeSettings, ShardEncoder
     from miro_scale.data.plan import resolve_shards
     from miro_scale.models.encoders import autoencoder_from_config, text_encoder_from_config
 
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
             state["encoder"] = ShardEncoder(ae, te, settings, device)
         return state["encoder"].encode_shard(task, a.captions)
 
-    job = shard_jobs.ShardJob(stage=STAGE, out_dir=a.out, outputs=[OUTPUT], params=params, process=process,
-                              retries=a.retries, progress=not a.no_progress)
+    job = shard_jobs.ShardJob(stage=STAGE, out_dir=a.out, outputs=[OUTPUT], optional_outputs=[INDEX],
+                              params=params, process=process, retries=a.retries, progress=not a.no_progress)
     return shard_jobs.report(shard_jobs.run(job, shards))
 
 

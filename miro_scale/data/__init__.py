@@ -20,11 +20,19 @@ Entry points (all plain functions/classes with explicit arguments):
 The shard format is documented in :mod:`miro_scale.data.format` (and docs/data.md).
 """
 from .format import FORMAT_VERSION, SampleError, reward_entry, reward_vector, split_member_name
-from .loader import PlannedLoader, WebDatasetLoader
 from .plan import resolve_shards
 from .writer import ShardWriter, read_manifest
 
 LOADERS = ("pil", "dali", "wds")
+# the loaders need torch; the preprocessing stages that only move bytes (shard, bin) do not
+_LAZY = {"PlannedLoader": "loader", "WebDatasetLoader": "loader"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_loader(kind: str, shards, batch_size: int, **kw):
@@ -32,6 +40,8 @@ def make_loader(kind: str, shards, batch_size: int, **kw):
     ``device_id=None`` for the CPU pipeline) or "wds" (WdsStreamLoader; ``shards`` are URLs).
     Other keyword arguments go to the loader."""
     if kind == "pil":
+        from .loader import WebDatasetLoader
+
         return WebDatasetLoader(shards, batch_size, **kw)
     if kind == "dali":
         from .dali_loader import DaliLoader

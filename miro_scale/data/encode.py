@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -35,10 +35,12 @@ from .decode import decode_image
 from .format import LATENT_MEAN_EXT, LATENT_STD_EXT, SampleError, clean_caption, image_ext
 from .loader import text_emb_ext
 from .sidecars import iter_members, open_source_shard, read_captions, sample_captions, sample_meta
+from .tario import write_index_file
 from .writer import TarSampleWriter
 
 STAGE = "encode"
 OUTPUT = "{stem}.encoded.tar"
+INDEX = "{stem}.encoded.idx"  # its DALI index, so the shard stage need not scan it (none if a key has a space)
 
 
 def vae_input(im, size: int) -> torch.Tensor:
@@ -60,7 +62,6 @@ class EncodeSettings:
     num_workers: int = 4
     chunk_size: int = 256
     precision: str = "bf16"  # autocast on CUDA
-    extra: Dict[str, object] = field(default_factory=dict)  # recorded in the job parameters
 
 
 class ShardEncoder:
@@ -166,6 +167,7 @@ class ShardEncoder:
                 if task.bar is not None:
                     task.bar.update(len(chunk))
             writer.close()
+        write_index_file(str(task.path(INDEX)), writer.keys, writer.members)
         for reason, name in idx.problems:
             failures[reason] = failures.get(reason, 0) + 1
             left_out.setdefault(reason, []).append(name)

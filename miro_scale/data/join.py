@@ -33,7 +33,7 @@ from miro_scale import shard_jobs
 
 from .format import IMAGE_EXTS, JSON_EXT, TEXT_EXT, SampleError
 from .sidecars import check_sidecar, iter_members, open_source_shard, read_captions, sample_meta
-from .tario import MemberReader, scan_tar
+from .tario import MemberReader, load_index
 from .writer import TarSampleWriter, keys_digest, write_index_file, write_manifest
 
 STAGE = "shard"
@@ -133,7 +133,7 @@ def join_shard(task: shard_jobs.ShardTask, settings: JoinSettings, bins_doc: dic
     if settings.encoded_dir:
         encode_failures = _encode_failures(settings.encoded_dir, task.stem)
         path = check_sidecar(settings.encoded_dir, "encoded", task.stem, task.source)
-        enc_idx = scan_tar(str(path))
+        enc_idx = load_index(str(path))  # its .idx when the encode stage wrote one, else a scan
         if enc_idx.truncated:
             raise shard_jobs.ShardError(f"{path}: truncated; rerun preprocessing/encode.py on it")
         encoded = (str(path), {enc_idx.key(j): enc_idx.member_dict(j) for j in range(len(enc_idx))})
