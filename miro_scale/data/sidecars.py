@@ -37,10 +37,6 @@ SIDECARS = {
 }
 
 
-def sidecar_name(kind: str, stem: str) -> str:
-    return SIDECARS[kind][1].format(stem=stem)
-
-
 def check_sidecar(directory: str, kind: str, stem: str, source: dict) -> Path:
     """The path of ``stem``'s ``kind`` sidecar in ``directory``, after checking that its stage
     finished it from the source tar whose fingerprint is ``source``."""

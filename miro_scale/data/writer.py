@@ -134,21 +134,6 @@ class TarSampleWriter:
         self._tf.close()
 
 
-def write_tar(path: str, samples, index_path: str | None = None) -> list:
-    """Write ``(key, {ext: value})`` samples to the tar ``path`` (fsynced), and its DALI index to
-    ``index_path`` when given. Returns the keys written."""
-    with open(path, "wb") as f:
-        w = TarSampleWriter(f)
-        for key, members in samples:
-            w.write(key, members)
-        w.close()
-        f.flush()
-        os.fsync(f.fileno())
-    if index_path is not None:
-        write_index_file(index_path, w.keys, w.members)
-    return w.keys
-
-
 class ShardWriter:
     """Write samples into size-capped shards.
 

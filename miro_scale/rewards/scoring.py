@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from miro_scale import shard_jobs
-from miro_scale.data.sidecars import (by_reason, check_sidecar, iter_members, open_source_shard,
-                                      read_captions, sample_captions, sample_meta)
+from miro_scale.data.sidecars import (by_reason, iter_members, open_source_shard, read_captions,
+                                      sample_captions, sample_meta)
 
 from .base import Reward, View
 from .registry import build_reward, canonical_key
@@ -479,13 +479,3 @@ def images_per_second(summary: dict) -> Dict[str, Optional[float]]:
         sec = summary["timing"].get("rewards", {}).get(k, 0.0)
         out[k] = round(v["images"] / sec, 3) if sec > 0 else None
     return out
-
-
-def scored_shards(scores_dir: str) -> Dict[str, dict]:
-    """``{stem: done record}`` of the finished shards of a scores directory."""
-    return shard_jobs.finished_inputs(scores_dir, STAGE)
-
-
-def scores_file(scores_dir: str, stem: str, source: dict) -> Path:
-    """A finished scores file of the source tar with fingerprint ``source`` (checked)."""
-    return check_sidecar(scores_dir, "scores", stem, source)
