@@ -53,6 +53,9 @@ class ModelConfig:
     reward_embedding: Literal["fourier", "sinusoidal"] = "fourier"
     reward_bins: int = 64
     reward_dropout: float = 0.0
+    # a NaN reward while training: "value0" embeds it as value 0 (the release: nan_to_num before the
+    # embedder); "zero_token" gives the zero token a NaN gets at inference (docs/fidelity.md)
+    nan_reward_in_training: Literal["value0", "zero_token"] = "value0"
     qk_norm: Literal["layer", "rms"] = "layer"  # the released checkpoints use LayerNorm for QK-norm
     self_conditioning: bool = True
 

@@ -40,8 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default="quantile", choices=binning.STRATEGIES)
     p.add_argument("--refine-last", type=int, default=8, help="refined: how many top quantile bins to split")
     p.add_argument("--refine-factor", type=int, default=2, help="refined: split each of them into this many")
-    p.add_argument("--unique-values", action="store_true",
-                   help="quantiles of the unique values (what MIRO's released code did) instead of the population")
+    p.add_argument("--population-quantiles", action="store_true",
+                   help="quantiles of all calibration values; the default, as MIRO's released code did, takes "
+                        "quantiles of the unique values (they differ on tied scores: docs/fidelity.md)")
     p.add_argument("--calibration-size", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rewards", default=None, help="comma-separated subset of rewards (default: all in the scores)")
@@ -74,9 +75,9 @@ def main(argv=None) -> int:
     else:
         tables = (pq.read_table(f) for f in files)  # one shard in memory at a time
         bins = binning.fit_bins(tables, a.num_bins, a.strategy, a.calibration_size, a.seed, a.refine_last,
-                                a.refine_factor, a.unique_values, rewards, scoring_metadata(files))
+                                a.refine_factor, not a.population_quantiles, rewards, scoring_metadata(files))
         info = dict(strategy=a.strategy, requested_bins=a.num_bins, calibration_size=a.calibration_size,
-                    seed=a.seed, unique_values=a.unique_values,
+                    seed=a.seed, unique_values=not a.population_quantiles,
                     refine_last=a.refine_last if a.strategy == "refined" else None,
                     refine_factor=a.refine_factor if a.strategy == "refined" else None)
         for k, b in bins.items():

@@ -51,17 +51,39 @@ def test_uniform_bins_are_equal_width():
 
 def test_ties_land_in_the_middle_of_their_run():
     x = np.concatenate([np.zeros(5000), np.linspace(0.01, 1, 5000)])
-    rb = fit_bins(_table(r=x), num_bins=64)["r"]
+    rb = fit_bins(_table(r=x), num_bins=64, unique_values=False)["r"]  # population quantiles: tied edges
     b = rb.assign(x)
-    # zeros fill the bottom half of the quantiles: edges 1..31 are 0 -> middle of bins 0..32
+    # zeros fill the bottom half of the quantiles: edges 1..31 are 0 -> middle of bins 0..31
     left = np.searchsorted(rb.edges, 0.0, "left")
     right = np.searchsorted(rb.edges, 0.0, "right")
     assert (left, right) == (0, 31)
-    assert set(b[:5000]) == {16}
+    assert set(b[:5000]) == {15}
     assert b[5000:].min() >= 31 and b[-1] == 63
-    # no tie: the usual half-open bins [e_k-1, e_k)
+    # no tie: bins (e_k-1, e_k], as the release's bucketize
     e = np.asarray(rb.edges)
-    assert rb.assign(np.array([e[40]]))[0] == 41 and rb.assign(np.array([e[40] - 1e-9]))[0] == 40
+    assert rb.assign(np.array([e[40]]))[0] == 40 and rb.assign(np.array([e[40] + 1e-9]))[0] == 41
+
+
+def test_quantiles_of_unique_values_bin_as_the_release():
+    """The release: edges = torch.quantile(unique(values), linspace(0, 1, B + 1)), value =
+    (bucketize(v, edges) - 1) / (B - 1) clipped at 0. Same inner edges and bins here, on tied
+    fp16-rounded scores, except that the release set the outer edges to 0 and 1, which sends a
+    score above 1 to bin B (value 64/63): here bins stay in [0, B - 1]."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.beta(5, 1.4, 20000), np.ones(3000)]).astype(np.float16).astype(np.float64)
+    rb = fit_bins(_table(r=x), num_bins=64)["r"]
+    uniq = torch.unique(torch.tensor(x, dtype=torch.float64))
+    release_edges = torch.quantile(uniq, torch.linspace(0, 1, 65, dtype=torch.float64))
+    np.testing.assert_allclose(rb.edges, release_edges[1:-1].numpy(), rtol=1e-12, atol=0)
+    ours = rb.assign(x)
+    inside = x < release_edges[-1].item()  # the release's clobbered top edge (1.0) aside
+    release = (torch.bucketize(torch.tensor(x[inside]), release_edges) - 1).clamp(min=0).numpy()
+    np.testing.assert_array_equal(ours[inside], release)
+    assert ours.max() == 63 and (rb.value(ours) <= 1.0).all()
+    # population quantiles put far fewer samples in the release's bins on such data
+    pop = fit_bins(_table(r=x), num_bins=64, unique_values=False)["r"].assign(x)
+    assert (pop[inside] == release).mean() < 0.5 < (ours[inside] == release).mean()
 
 
 def test_constant_and_empty_rewards():
@@ -69,11 +91,11 @@ def test_constant_and_empty_rewards():
     bins = fit_bins(t, num_bins=64)
     c, e = bins["c"], bins["e"]
     assert c.constant and not c.empty
-    assert c.assign(np.array([3.0, 2.0, 4.0])).tolist() == [32, 0, 63]
+    assert c.assign(np.array([3.0, 2.0, 4.0])).tolist() == [31, 0, 63]
     assert e.empty and e.n_missing == 100
     assert (e.assign(np.array([1.0, 2.0])) == -1).all()
     out = apply_bins(t, bins, missing="median")
-    assert set(out.column("e.bin").to_pylist()) == {32}
+    assert set(out.column("e.bin").to_pylist()) == {31}
     assert out.column("e.imputed").to_pylist() == [True] * 100
 
 

@@ -44,24 +44,30 @@ def test_lamb_matches_the_published_update_rule():
         torch.testing.assert_close(ours.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_norms_biases_and_embeddings_get_no_decay(tiny_cfg):
+def test_groups_are_the_releases(tiny_cfg):
+    """Norms and biases get neither decay nor trust ratio; the plain nn.Parameters (latents,
+    positional embeddings, registers, layer scales) and the whole loss-weighting head get both."""
     cfg = tiny_cfg()
     model = MiroFlowModel(cfg.model, cfg.flow)
     decay, no_decay = parameter_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    for expected in ["net.data_pos_embedding", "net.latents", "net.text_registers",
-                     "net.coherence_positional_embedding", "net.data_ln.weight", "net.patch_extractor.bias",
-                     "net.rin_blocks.0.retrieve_cond.ca.q_norm.weight", "net.transformers_blocks.0.layer_scale_1"]:
+    for expected in ["net.data_ln.weight", "net.patch_extractor.bias",
+                     "net.rin_blocks.0.retrieve_cond.ca.q_norm.weight", "net.transformers_blocks.0.initial_ln.weight"]:
         assert expected in no_decay_names, expected
-    assert "net.patch_extractor.weight" in decay_names and "net.rin_blocks.0.writer_ca.ca.kv.weight" in decay_names
+    for expected in ["net.data_pos_embedding", "net.latents", "net.text_registers",
+                     "net.coherence_positional_embedding", "net.transformers_blocks.0.layer_scale_1",
+                     "net.patch_extractor.weight", "net.rin_blocks.0.writer_ca.ca.kv.weight",
+                     "logvar_proj.1.weight", "logvar_proj.1.bias"]:
+        assert expected in decay_names, expected
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
     assert len(no_decay_names) + len(decay_names) == len(list(model.parameters()))
 
 
 def test_warmup_then_cosine_with_rate():
-    assert lr_multiplier(0, 100, 1000, 0.8) == 0.0
+    assert lr_multiplier(0, 100, 1000, 0.8) == 1.0  # the release's first update: the full rate
+    assert lr_multiplier(1, 100, 1000, 0.8) == 0.01
     assert lr_multiplier(50, 100, 1000, 0.8) == 0.5
     assert lr_multiplier(100, 100, 1000, 0.8) == 1.0
     assert math.isclose(lr_multiplier(1000, 100, 1000, 0.8), 0.5 * (1 + math.cos(0.8 * math.pi)))

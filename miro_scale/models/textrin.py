@@ -278,13 +278,6 @@ class TextRIN(nn.Module):
             nn.init.zeros_(self.ln_previous_2.weight)
             nn.init.zeros_(self.ln_previous_2.bias)
 
-    def no_weight_decay(self) -> set:
-        """Learned embeddings, excluded from weight decay and LAMB's trust ratio (with norms and biases)."""
-        names = {"data_pos_embedding", "latents", "text_registers"}
-        if self.reward_keys:
-            names.add("coherence_positional_embedding")
-        return names
-
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """b c (h p1) (w p2) -> b (h w) (p1 p2 c)"""
         b, c, h, w = x.shape
@@ -299,10 +292,14 @@ class TextRIN(nn.Module):
         return x.reshape(b, c, h, w)
 
     def embed_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
-        """[B, N] reward values in [0, 1] -> [B, N, D] tokens. NaN (or dropped) rewards give a zero
-        embedding plus the key's position vector: the model is told nothing about that reward."""
+        """[B, N] reward values in [0, 1] -> [B, N, D] tokens. A dropped reward (training) gives a
+        zero embedding plus the key's position vector; so does a NaN one at inference (the model is
+        told nothing about that reward). A NaN reward in training is embedded as value 0, as the
+        release did (``model.nan_reward_in_training: zero_token`` treats it as at inference)."""
         b = rewards.shape[0]
         keep = ~torch.isnan(rewards)
+        if self.training and self.cfg.nan_reward_in_training == "value0":
+            keep = torch.ones_like(keep)
         if self.training and self.cfg.reward_dropout > 0:
             drop = torch.rand(b, len(self.reward_keys), device=rewards.device) < self.cfg.reward_dropout
             all_dropped = drop.all(dim=1, keepdim=True)

@@ -1,10 +1,13 @@
 """Calibration (bin edges from a sample of raw scores) and binning (raw -> bin index -> value).
 
-Strategies (B = --bins):
+Strategies (B = --num-bins):
   quantile  B equal-population bins: inner edges at the k/B quantiles (k = 1..B-1) of up to
             `calibration_size` finite raw scores drawn uniformly at random (seeded) from all shards.
-            The draw streams over the shards' score tables (a bounded reservoir: memory does not
-            grow with the dataset).
+            As MIRO's released code did, the quantiles are those of the *unique* values of that
+            sample (`unique_values=False`, bin.py --population-quantiles, takes them over the whole
+            sample; the two differ on tied or fp16-rounded scores, docs/fidelity.md). The draw
+            streams over the shards' score tables (a bounded reservoir: memory does not grow with
+            the dataset).
   refined   MIRO's "refined quantile" ablation, as its released code builds it: the first B - r
             quantile bins, then the top r/B of the population split into r * f equal-population bins
             (defaults r = 8, f = 2: 56 + 16 = 72 bins in all).
@@ -12,12 +15,16 @@ Strategies (B = --bins):
 The value fed to the model is bin / (num_bins - 1) in [0, 1].
 
 Defined behaviour
-  * Ties: a raw score equal to one or more edges gets the middle of the bins those edges bound,
-    bin = ceil((#edges < x + #edges <= x) / 2). With no tie this is the usual half-open bins
-    [e_{k-1}, e_k); a value shared by many samples (duplicated edges) lands in the middle of its
-    run of bins instead of the top (which is where searchsorted-right would put it).
+  * Assignment: bin = the number of inner edges strictly below the raw score, i.e. bins
+    (e_{k-1}, e_k], as the release's torch.bucketize did. Unlike the release, the outer edges are
+    not overwritten with 0 and 1, so a score above 1 never gets bin B (value 64/63) and bins stay in
+    [0, B-1] for every reward.
+  * Ties: a raw score equal to several (duplicated) edges gets the middle of the bins those edges
+    bound, bin = floor((#edges < x + #edges <= x) / 2); with one edge or none this is the rule
+    above. Duplicated edges arise with population quantiles of tied scores (a value shared by many
+    samples then lands in the middle of its run of bins, not at an end).
   * Constant reward (all calibration values equal): every edge equals the constant, so the tie rule
-    puts it in bin ceil((B-1)/2) (value ~0.5); bins.json marks it "constant": true. Smaller / larger
+    puts it in bin floor((B-1)/2) (value ~0.5); bins.json marks it "constant": true. Smaller / larger
     raw values go to bin 0 / B-1.
   * Values outside the calibration range go to the first / last bin.
   * Missing rewards (NaN: the scorer could not compute it, status != ok) follow `missing`:
@@ -76,7 +83,7 @@ class RewardBins:
         e = np.asarray(self.edges, dtype=np.float64)
         left = np.searchsorted(e, raw[ok], side="left")
         right = np.searchsorted(e, raw[ok], side="right")
-        out[ok] = (left + right + 1) // 2
+        out[ok] = (left + right) // 2
         return out
 
     def value(self, bins: np.ndarray) -> np.ndarray:
@@ -87,12 +94,12 @@ class RewardBins:
     @property
     def median_bin(self) -> int:
         if self.empty:
-            return (self.num_bins - 1 + 1) // 2
+            return (self.num_bins - 1) // 2
         return int(self.assign(np.array([self.median]))[0])
 
 
 def compute_edges(sample: np.ndarray, num_bins: int, strategy: str, refine_last: int = 8,
-                  refine_factor: int = 2, unique_values: bool = False) -> np.ndarray:
+                  refine_factor: int = 2, unique_values: bool = True) -> np.ndarray:
     """Inner bin edges (len = total bins - 1) from finite calibration values."""
     x = np.asarray(sample, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -167,7 +174,7 @@ class _Reservoir:
 
 
 def fit_bins(tables, num_bins: int = 64, strategy: str = "quantile", calibration_size: int = 100_000,
-             seed: int = 0, refine_last: int = 8, refine_factor: int = 2, unique_values: bool = False,
+             seed: int = 0, refine_last: int = 8, refine_factor: int = 2, unique_values: bool = True,
              rewards: Optional[Sequence[str]] = None, reward_meta: Optional[dict] = None) -> Dict[str, RewardBins]:
     """Fit bins per reward from pyarrow score tables: one table, or an iterable of them (e.g. one per
     shard, read one at a time: memory stays bounded by one table plus the calibration sample)."""

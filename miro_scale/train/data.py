@@ -82,7 +82,9 @@ class ShardBatchStream:
         self.device = device
         self.autoencoder = None
         self.autoencoder = autoencoder_from_config(cfg, device) if d.mode == "image" else None
-        self.text_encoder = None if d.precomputed_text else text_encoder_from_config(cfg, device)
+        # captions are encoded to data.max_text_len tokens (256: the release trains on up to 256)
+        self.text_encoder = (None if d.precomputed_text
+                             else text_encoder_from_config(cfg, device, max_length=d.max_text_len))
         self._stream: Optional[Iterator] = None
 
     @torch.no_grad()

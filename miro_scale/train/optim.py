@@ -3,7 +3,11 @@
 LAMB comes from timm (maintained, multi-tensor). Configured as released: bias-corrected moments,
 L2 weight decay added to the Adam step before the trust ratio (timm's default, non-decoupled),
 no trust-ratio clipping, no optimizer-side global clipping (the trainer clips), and the trust ratio
-applied only where weight decay is on, so norms, biases and embeddings get neither.
+applied only where weight decay is on. The groups are the release's: parameters of LayerNorm and
+RMSNorm modules and those named "bias" get neither; every other parameter of the network, the
+plain nn.Parameters included (learned latents, positional embeddings, registers, layer scales),
+and the whole loss-weighting head get both. The schedule's first update uses the full rate, as the
+release's did (Lightning steps its scheduler after the first optimizer step).
 """
 from __future__ import annotations
 
@@ -15,20 +19,24 @@ import torch.nn as nn
 from timm.optim import Lamb
 
 from miro_scale.config import OptimConfig
+from miro_scale.models.textrin import RMSNorm
+
+
+NO_DECAY_MODULES = (nn.LayerNorm, nn.Embedding, RMSNorm)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two groups: decayed matrices; undecayed norms, biases (ndim < 2) and learned embeddings."""
-    no_decay_names = set()
-    for module_name, module in model.named_modules():
-        if hasattr(module, "no_weight_decay"):
-            prefix = f"{module_name}." if module_name else ""
-            no_decay_names |= {prefix + n for n in module.no_weight_decay()}
+    """The release's two groups: decayed (and trust-ratio scaled), and neither: parameters of norm
+    and embedding modules and any name containing "bias", except in the loss-weighting head
+    (``logvar_proj``, the release's preconditioning module), which is decayed whole."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or name in no_decay_names else decay).append(param)
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            excluded = isinstance(module, NO_DECAY_MODULES) or "bias" in name
+            (no_decay if excluded and not name.startswith("logvar_proj.") else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -72,9 +80,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, skip_non_finite: bool = 
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, cosine_rate: float) -> float:
-    """Linear warmup from 0, then 0.5 * (1 + cos(rate * pi * progress)) (rate 0.8 ends at ~0.095)."""
+    """The full rate at step 0 (as released), linear warmup from step 1, then
+    0.5 * (1 + cos(rate * pi * progress)) (rate 0.8 ends at ~0.095)."""
+    if step == 0:
+        return 1.0
     if step < warmup_steps:
-        return step / max(warmup_steps, 1)
+        return step / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return 0.5 * (1.0 + math.cos(cosine_rate * math.pi * min(progress, 1.0)))
 
