@@ -57,10 +57,10 @@ def main() -> int:
     stage("train", final / "trainer.json",
           [py, "launchers/train.py", "--config", "configs/synthetic_world.json", "--set",
            f"data.shards={work / 'shards'}", f"train.output_dir={run_dir}", f"train.steps={a.steps}"])
-    stage("convert", work / "miro_synthetic.safetensors",
-          [py, "checkpoints_tools/export.py", "--checkpoint", final, "--out", work / "miro_synthetic.safetensors"])
+    stage("convert", work / "miro_synthetic" / "config.json",
+          [py, "checkpoints_tools/export.py", "--checkpoint", final, "--out", work / "miro_synthetic"])
     stage("sample", work / "samples/grid.png",
-          [py, "launchers/sample.py", "--model", work / "miro_synthetic.safetensors",
+          [py, "launchers/sample.py", "--model", work / "miro_synthetic",
            "--prompt", "a photo of two red circles", "--prompt", "a blue square left of a green triangle",
            "--prompt", "a photo of a yellow star", "--sweep", "sharpness_score", "--out", work / "samples"])
     print(f"\nsample grids during training: {run_dir / 'samples'}; reward curves: {run_dir / 'reward_curves.png'}"

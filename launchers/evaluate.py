@@ -1,6 +1,6 @@
 """Reward evaluation of an exported model on a prompt set (PartiPrompts TSV, GenEval JSONL, or lines).
 
-    python launchers/evaluate.py --model exports/miro.safetensors \
+    python launchers/evaluate.py --model exports/miro_16m \
         --prompts ../shared/data/partiprompts/PartiPrompts.tsv --limit 200 \
         --rewards aesthetic_score,hpsv2_score,pick_a_score_score,image_reward_score \
         --reward-config weights.json --out eval/parti/
@@ -24,7 +24,8 @@ from miro_scale.sampling import MiroPipeline  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a model bundle directory or hub id")
+    p.add_argument("--model-variant", default=None, help="a bundle subfolder (e.g. of nicolas-dufour/miro-ablations)")
     p.add_argument("--prompts", required=True)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--rewards", required=True, help="comma-separated reward keys or aliases")
@@ -49,14 +50,14 @@ def main() -> int:
 
     keys = [canonical_key(k) for k in a.rewards.split(",") if k.strip()]
     prompts = read_prompts(a.prompts, a.limit)
-    pipeline = MiroPipeline.from_model_file(a.model, a.device)
+    pipeline = MiroPipeline.from_pretrained(a.model, variant=a.model_variant, device=a.device)
     reward_kwargs = {}
     if a.reward_config:
         reward_kwargs = {canonical_key(k): v for k, v in json.loads(Path(a.reward_config).read_text()).items()}
     evaluator = RewardEvaluator(keys, a.variant, a.device, reward_kwargs)
     out = Path(a.out)
     result = evaluate_rewards(pipeline, prompts, evaluator, reward_targets=targets, batch_size=a.batch_size,
-                              seed=a.seed, out_dir=out / "images", guidance_scale=a.guidance, num_steps=a.steps)
+                              seed=a.seed, out_dir=out / "images", guidance_scale=a.guidance, num_inference_steps=a.steps)
     path = write_report(result, out / "report.json", model=a.model, prompts=a.prompts, reward_targets=targets,
                         guidance=a.guidance, steps=a.steps, seed=a.seed)
     for key, stats in result["summary"]["overall"].items():

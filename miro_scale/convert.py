@@ -1,9 +1,9 @@
-"""Checkpoint conversion: training checkpoints -> one deployable model file.
+"""Checkpoint conversion: training checkpoints -> a deployable model bundle (miro_scale/bundle.py).
 
-A model file is safetensors holding the MiroFlowModel state dict (fp32 unless asked otherwise),
-with the training config in its metadata, so a sampler needs nothing else. Sources:
-EMA weights (default) consolidated from every rank's shard, or the raw weights through each
-engine's own consolidation tool (DCP's dcp_to_torch_save, DeepSpeed's zero_to_fp32).
+Sources: EMA weights (default) consolidated from every rank's shard, or the raw weights through
+each engine's own consolidation tool (DCP's dcp_to_torch_save, DeepSpeed's zero_to_fp32). The
+bundle also holds the empty-prompt embedding of the config's text encoder (the negative branch of
+guidance), computed here once.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 from miro_scale.config import MiroConfig, config_from_dict
@@ -69,36 +70,32 @@ def consolidate_raw(path: str | Path) -> Dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_DIR)
 
 
-def save_model_file(state: Dict[str, torch.Tensor], path: str | Path, config: Dict,
-                    dtype: Optional[torch.dtype] = None) -> Path:
-    from safetensors.torch import save_file
+def empty_prompt_embedding(cfg: MiroConfig) -> np.ndarray:
+    """The config's text encoder on "" at the sampling length, trimmed to its tokens: [L, D]
+    (FLAN-T5-XL: the single </s> token, as the release's uncond_embedding.npy)."""
+    from miro_scale.models.encoders import text_encoder_from_config
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-               for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"miro_config": json.dumps(config)})
-    tmp.replace(path)
-    return path
+    encoder = text_encoder_from_config(cfg, "cpu", cfg.sampling.max_text_len)
+    with torch.no_grad():
+        embedding, mask = encoder.encode([""])
+    return embedding[0, mask[0]].float().numpy()
 
 
-def load_model_file(path: str | Path) -> Dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def export_bundle(checkpoint: str | Path, out: str | Path, weights: str = "ema",
+                  dtype: Optional[torch.dtype] = None, text_encoder: Optional[str] = None) -> Path:
+    """``text_encoder``: where the config's text encoder is now (a local path or hub id), when it
+    moved since training; the bundle records it."""
+    from miro_scale import bundle
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def model_file_config(path: str | Path) -> MiroConfig:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "miro_config" not in metadata:
-        raise KeyError(f"{path} has no 'miro_config' metadata; pass a config explicitly")
-    return config_from_dict(json.loads(metadata["miro_config"]))
+    checkpoint = Path(checkpoint)
+    cfg = checkpoint_config(checkpoint)
+    if text_encoder:
+        cfg.text_encoder.name_or_path = text_encoder
+    try:
+        uncond = empty_prompt_embedding(cfg)
+    except OSError as e:
+        raise FileNotFoundError(f"the bundle needs the empty-prompt embedding of text_encoder.name_or_path="
+                                f"{cfg.text_encoder.name_or_path!r}, which cannot be loaded ({str(e).splitlines()[0]}); "
+                                "give its local path with --text-encoder") from None
+    state = consolidate_ema(checkpoint) if weights == "ema" else consolidate_raw(checkpoint)
+    return bundle.save(out, cfg, state, uncond, dtype)

@@ -14,26 +14,21 @@ from typing import Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from miro_scale.config import MiroConfig
 from miro_scale.flow import MIN_GAMMA
 
 
-def reward_vector(reward_keys: Sequence[str], targets: Mapping[str, float], default: float,
-                  snap_bins: Optional[int] = None) -> torch.Tensor:
-    """Values for each of the model's reward keys, in its order; NaN leaves a reward unconditioned.
-
-    snap_bins rounds each value to the nearest bin centre value k / (bins - 1), as in training.
-    """
+def reward_vector(reward_keys: Sequence[str], targets: Mapping[str, float], default: float) -> torch.Tensor:
+    """Values for each of the model's reward keys, in its order, passed as given (the release does
+    not round them to bin values); NaN leaves a reward unconditioned."""
     unknown = set(targets) - set(reward_keys)
     if unknown:
         raise KeyError(f"reward targets {sorted(unknown)} are not among the model's reward keys {list(reward_keys)}")
     values = []
     for key in reward_keys:
         value = float(targets.get(key, default))
-        if not math.isnan(value):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"reward target {key}={value} is not in [0, 1]")
-            if snap_bins:
-                value = round(value * (snap_bins - 1)) / (snap_bins - 1)
+        if not math.isnan(value) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"reward target {key}={value} is not in [0, 1]")
         values.append(value)
     return torch.tensor(values, dtype=torch.float32)
 
@@ -46,7 +41,10 @@ def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> Tuple[torch
 
 
 def gamma_grid(num_steps: int, device=None) -> torch.Tensor:
-    return torch.linspace(0.0, 1.0, num_steps + 1, device=device).clamp_min(MIN_GAMMA)
+    """Signal levels from noise (MIN_GAMMA) to data (1), linear in t = 1 - gamma, in the release's
+    float32 arithmetic (gamma = 1 - (1 - i / N)), so a sampler run matches it to the last bit."""
+    t = 1.0 - torch.arange(num_steps + 1, dtype=torch.float32, device=device) / num_steps
+    return (1.0 - t).clamp_min(MIN_GAMMA)
 
 
 @torch.no_grad()
@@ -99,7 +97,7 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
         v = out.velocity.float()
         if guided:
             v_pos, v_neg = v.chunk(2)
-            return v_pos + guidance_scale * (v_pos - v_neg)
+            return v_pos * (1 + guidance_scale) - v_neg * guidance_scale  # = v+ + w (v+ - v-), as released
         return v
 
     x = noise.float()
@@ -115,55 +113,124 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
 
 
 class MiroPipeline:
-    """Prompts + reward dials -> images: text encoder, EMA flow model, sampler, autoencoder.
+    """Prompts + reward dials -> images, loaded the way diffusion models load:
 
-        pipe = MiroPipeline.from_model_file("exports/miro.safetensors")
-        images = pipe(["a red circle"], reward_targets={"aesthetic_score": 1.0}, seed=0)
+        pipe = MiroPipeline.from_pretrained("nicolas-dufour/miro", torch_dtype=torch.bfloat16, device="cuda")
+        images = pipe("a tiger in a tuxedo", reward_targets={"aesthetic_score": 1.0},
+                      generator=torch.Generator("cuda").manual_seed(0))          # list of PIL images
+        pipe.save_pretrained("exports/miro")
+
+    A bundle (miro_scale/bundle.py) holds the EMA flow model, its config and the empty-prompt
+    embedding (the negative branch of guidance); the text encoder and autoencoder are loaded from
+    the config's references (local path or hub id) on first use, or passed in.
     """
 
-    def __init__(self, cfg, model, text_encoder, autoencoder, device):
-        self.cfg, self.model, self.device = cfg, model.eval(), torch.device(device)
-        self.text_encoder, self.autoencoder = text_encoder, autoencoder
+    def __init__(self, cfg: MiroConfig, model, uncond_embedding: torch.Tensor, text_encoder=None,
+                 autoencoder=None):
+        self.cfg, self.model = cfg, model.eval()
+        self.uncond_embedding = uncond_embedding.float()
+        self._text_encoder, self._autoencoder = text_encoder, autoencoder
+        self.device, self.dtype = torch.device("cpu"), torch.float32
 
     @classmethod
-    def from_model_file(cls, path, device: str = "cpu", cfg=None) -> "MiroPipeline":
-        from miro_scale.convert import load_model_file, model_file_config
+    def from_pretrained(cls, path_or_id: str, *, variant: Optional[str] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None,
+                        device=None, text_encoder=None, autoencoder=None) -> "MiroPipeline":
+        """A bundle directory or hub id (the released layout; ``variant``: a subfolder, as in
+        ``nicolas-dufour/miro-ablations``). ``text_encoder`` / ``autoencoder``: objects to use instead
+        of the config's references."""
+        from miro_scale import bundle
         from miro_scale.flow import MiroFlowModel
-        from miro_scale.models.encoders import autoencoder_from_config, text_encoder_from_config
 
-        cfg = cfg or model_file_config(path)
+        cfg, state, uncond, _ = bundle.load(path_or_id, variant=variant, revision=revision, cache_dir=cache_dir)
         model = MiroFlowModel(cfg.model, cfg.flow)
-        model.load_state_dict(load_model_file(path))
-        # Prompts are tokenised to the sampling length (77), as released.
-        text_encoder = text_encoder_from_config(cfg, device, cfg.sampling.max_text_len)
-        return cls(cfg, model.to(device), text_encoder, autoencoder_from_config(cfg, device), device)
+        model.load_state_dict(state)
+        pipe = cls(cfg, model, torch.from_numpy(uncond), text_encoder, autoencoder)
+        return pipe.to(device, torch_dtype)
+
+    def save_pretrained(self, directory, dtype: Optional[torch.dtype] = None):
+        from miro_scale import bundle
+
+        return bundle.save(directory, self.cfg, self.model.state_dict(), self.uncond_embedding.numpy(), dtype)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MiroPipeline":
+        """Moves the flow model; ``dtype`` (bf16/fp16) is the compute dtype: weights stay fp32 and the
+        sampler runs under autocast, as the release does."""
+        if device is not None:
+            self.device = torch.device(device)
+            self.model.to(self.device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from miro_scale.models.encoders import text_encoder_from_config
+            # prompts are tokenised to the sampling length (77), as released
+            self._text_encoder = text_encoder_from_config(self.cfg, self.device, self.cfg.sampling.max_text_len)
+        return self._text_encoder
+
+    @property
+    def autoencoder(self):
+        if self._autoencoder is None:
+            from miro_scale.models.encoders import autoencoder_from_config
+            self._autoencoder = autoencoder_from_config(self.cfg, self.device)
+        return self._autoencoder
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], reward_targets: Optional[Mapping[str, float]] = None,
+    def __call__(self, prompt=None, *, num_inference_steps: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 num_images_per_prompt: int = 1, reward_targets: Optional[Mapping[str, float]] = None,
                  negative_reward_targets: Optional[Mapping[str, float]] = None,
-                 guidance_scale: Optional[float] = None, num_steps: Optional[int] = None,
-                 solver: Optional[str] = None, seed: int = 0, snap_bins: bool = True) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1]. Rewards not named default to 1 (s+) and 0 (s-)."""
+                 latents: Optional[torch.Tensor] = None, prompt_embeds: Optional[torch.Tensor] = None,
+                 prompt_attention_mask: Optional[torch.Tensor] = None, solver: Optional[str] = None,
+                 output_type: str = "pil"):
+        """``prompt``: a string or a list (or ``prompt_embeds`` [B, L, D] + ``prompt_attention_mask``).
+        Reward targets per key in [0, 1], passed as given: s+ defaults to 1, s- to 0. ``latents``: the
+        starting noise [B * num_images_per_prompt, C, h, w] (else drawn with ``generator``).
+        ``output_type``: "pil" (list of images), "pt" ([B, 3, H, W] in [0, 1]), "np" ([B, H, W, 3]
+        in [0, 1]) or "latent" (the sampler's normalised latents, before the autoencoder)."""
         from miro_scale.flow import denormalize_latents
 
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
         s, m = self.cfg.sampling, self.cfg.model
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give prompt or prompt_embeds")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self.text_encoder.encode(prompts)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool)
+        text = prompt_embeds.float().repeat_interleave(num_images_per_prompt, 0).to(self.device)
+        mask = prompt_attention_mask.bool().repeat_interleave(num_images_per_prompt, 0).to(self.device)
         keys = m.reward_keys
-        bins = m.reward_bins if snap_bins else None
         positive = {**s.reward_targets, **(reward_targets or {})}
         negative = {**s.negative_reward_targets, **(negative_reward_targets or {})}
-        rewards = reward_vector(keys, positive, 1.0, bins) if keys else None
-        negative_rewards = reward_vector(keys, negative, 0.0, bins) if keys else None
         w = s.guidance_scale if guidance_scale is None else guidance_scale
-        text, mask = self.text_encoder.encode(list(prompts))
+        guided = w > 0
         negative_text = negative_mask = None
-        if w > 0 and s.empty_prompt_negative:
-            negative_text, negative_mask = self.text_encoder.encode([""])
-        generator = torch.Generator(self.device).manual_seed(seed)
-        noise = torch.randn(len(prompts), m.latent_channels, m.latent_size, m.latent_size,
-                            generator=generator, device=self.device)
-        latents = sample(self.model, noise, text.to(self.device), mask.to(self.device), rewards,
-                         num_steps=num_steps or s.num_steps, solver=solver or s.solver, guidance_scale=w,
-                         negative_rewards=negative_rewards if w > 0 else None,
-                         negative_text=negative_text, negative_text_mask=negative_mask,
-                         autocast_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
-        return self.autoencoder.decode(denormalize_latents(latents, self.cfg.flow)).float().clamp(-1, 1)
+        if guided and s.empty_prompt_negative:
+            negative_text = self.uncond_embedding[None].to(self.device)
+            negative_mask = torch.ones(negative_text.shape[:2], dtype=torch.bool, device=self.device)
+        b = text.shape[0]
+        if latents is None:
+            latents = torch.randn((b, m.latent_channels, m.latent_size, m.latent_size), generator=generator,
+                                  device=self.device, dtype=torch.float32)
+        x = sample(self.model, latents.to(self.device, torch.float32), text, mask,
+                   reward_vector(keys, positive, 1.0) if keys else None,
+                   num_steps=num_inference_steps or s.num_steps, solver=solver or s.solver,
+                   guidance_scale=w if guided else 0.0,
+                   negative_rewards=reward_vector(keys, negative, 0.0) if keys and guided else None,
+                   negative_text=negative_text, negative_text_mask=negative_mask,
+                   autocast_dtype=self.dtype if self.dtype != torch.float32 else None)
+        if output_type == "latent":
+            return x
+        images = (self.autoencoder.decode(denormalize_latents(x, self.cfg.flow)).float() * 0.5 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        from torchvision.transforms.functional import to_pil_image
+        return [to_pil_image(img.cpu()) for img in images]

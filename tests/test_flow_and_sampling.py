@@ -141,10 +141,10 @@ def test_euler_integrates_a_known_velocity_field():
     assert gamma_grid(4)[0] > 0 and gamma_grid(4)[-1] == 1
 
 
-def test_reward_vector_defaults_snapping_and_errors():
+def test_reward_vector_defaults_and_errors():
     keys = ["clip_score", "aesthetic_score", "hpsv2_score"]
-    v = reward_vector(keys, {"aesthetic_score": 0.5, "hpsv2_score": float("nan")}, default=1.0, snap_bins=64)
-    assert v[0] == 1.0 and abs(v[1] - 32 / 63) < 1e-6 and math.isnan(v[2])
+    v = reward_vector(keys, {"aesthetic_score": 0.5, "hpsv2_score": float("nan")}, default=1.0)
+    assert v[0] == 1.0 and v[1] == 0.5 and math.isnan(v[2])  # passed as given, as released
     with pytest.raises(KeyError, match="vqa_score"):
         reward_vector(keys, {"vqa_score": 1.0}, default=1.0)
     with pytest.raises(ValueError, match=r"clip_score=1.5 is not in \[0, 1\]"):

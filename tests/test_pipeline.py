@@ -1,4 +1,4 @@
-"""Sample stage: an exported model file drives MiroPipeline with reward dials."""
+"""Convert, sample and evaluate stages: an exported bundle drives MiroPipeline with reward dials."""
 import json
 import subprocess
 import sys
@@ -24,16 +24,28 @@ def test_exported_model_samples_with_reward_dials(tmp_path):
     with torch.no_grad():  # make the reward pathway matter in a model trained for one step
         trainer.engine.module.net.ln_previous_2.weight.fill_(1.0)
     ckpt = trainer.save()
-    model_file = tmp_path / "m.safetensors"
-    subprocess.run([sys.executable, "checkpoints_tools/export.py", "--checkpoint", str(ckpt), "--out",
-                    str(model_file)], cwd=ROOT, check=True, capture_output=True)
-    pipe = MiroPipeline.from_model_file(model_file)
+    model_file = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, "checkpoints_tools/export.py", "--checkpoint", str(ckpt), "--out",
+                           str(model_file)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in model_file.iterdir()) == ["config.json", "model.safetensors", "uncond_embedding.npy"]
+    pipe = MiroPipeline.from_pretrained(str(model_file))
     prompts = ["two red circles", "a blue square"]
-    a = pipe(prompts, seed=1)
-    assert a.shape == (2, 3, 8, 8) and a.abs().max() <= 1
-    assert torch.equal(a, pipe(prompts, seed=1))
-    low = pipe(prompts, reward_targets={"aesthetic_score": 0.0}, seed=1)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    a = pipe(prompts, generator=g(), output_type="pt")
+    assert a.shape == (2, 3, 8, 8) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, pipe(prompts, generator=g(), output_type="pt"))
+    low = pipe(prompts, reward_targets={"aesthetic_score": 0.0}, generator=g(), output_type="pt")
     assert not torch.allclose(a, low, atol=1e-5)
+    # the empty-prompt embedding of the config's text encoder is in the bundle
+    empty, mask = pipe.text_encoder.encode([""])
+    torch.testing.assert_close(pipe.uncond_embedding, empty[0, mask[0]])
+    info = subprocess.run([sys.executable, "-m", "checkpoints_tools.inspect", str(model_file)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert info.returncode == 0 and json.loads(info.stdout)["written_by"] == "miro-scale", info.stderr
+    info = json.loads(subprocess.run([sys.executable, "-m", "checkpoints_tools.inspect", str(tmp_path / "run")],
+                                     cwd=ROOT, capture_output=True, text=True).stdout)
+    assert info["kind"] == "run" and info["last"]["step"] == 1
 
     out = tmp_path / "samples"
     proc = subprocess.run([sys.executable, "launchers/sample.py", "--model", str(model_file), "--prompt", "a red star",

@@ -74,26 +74,31 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
 
 
 def test_post_training_starts_from_an_exported_baseline(tmp_path):
-    """Baseline (no rewards) -> export EMA -> a 3-reward model starts from it; only reward modules are new."""
+    """Baseline (no rewards) -> export a bundle -> a 3-reward model starts from it; only reward modules are new."""
     import subprocess as sp
 
-    from miro_scale.convert import load_model_file
+    from miro_scale import bundle
+    from miro_scale.config import ConfigError
 
-    base = Trainer(config_from_dict(tiny_config_dict(model={"reward_keys": []},
+    small = {"kind": "small", "name_or_path": "", "max_length": 8}
+    base = Trainer(config_from_dict(tiny_config_dict(model={"reward_keys": []}, text_encoder=small,
                                                      train={"output_dir": str(tmp_path / "base")})))
     base.train_step()
     ckpt = base.save()
-    out = tmp_path / "baseline.safetensors"
+    out = tmp_path / "baseline"
     sp.run([sys.executable, "checkpoints_tools/export.py", "--checkpoint", str(ckpt), "--out", str(out)],
            cwd=ROOT, check=True, capture_output=True)
-    exported = load_model_file(out)
-    post = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "post"),
-                                                            "init_from": str(out)})))
+    _, exported, _, _ = bundle.load(str(out))
+    post = Trainer(config_from_dict(tiny_config_dict(text_encoder=small, train={"output_dir": str(tmp_path / "post"),
+                                                                                "init_from": str(out)})))
     state = post.engine.module.state_dict()
     for key, value in exported.items():
         assert torch.equal(state[key], value), key
     assert any(k.startswith("net.coherence_embedder.") for k in state if k not in exported)
     assert post.train_step()["loss"] > 0
+    with pytest.raises(ConfigError, match=r"train.init_from .*other shapes \['net.latents"):
+        Trainer(config_from_dict(tiny_config_dict(model={"num_latents": 4},
+                                                  train={"output_dir": str(tmp_path / "x"), "init_from": str(out)})))
 
 
 def test_sample_grid_is_written_during_training(tmp_path):

@@ -92,7 +92,9 @@ def evaluate_rewards(pipeline, prompts: Sequence[Prompt], evaluator: RewardEvalu
     rows = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", unit="batch"):
         batch = list(prompts[start:start + batch_size])
-        images = pipeline([p.text for p in batch], reward_targets, seed=seed + start, **sample_kwargs)
+        generator = torch.Generator(pipeline.device).manual_seed(seed + start)
+        images = pipeline([p.text for p in batch], reward_targets=reward_targets, generator=generator,
+                          output_type="pt", **sample_kwargs) * 2 - 1  # the evaluator takes [-1, 1]
         scores = evaluator.score_images(images, [p.text for p in batch])
         for offset, (prompt, image) in enumerate(zip(batch, images)):
             rows.append({"index": start + offset, "prompt": prompt.text, "category": category_of(prompt),

@@ -73,14 +73,21 @@ REWARD_MODULES = ("net.coherence_embedder.", "net.coherence_positional_embedding
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Initial weights from an exported model file (checkpoints_tools/export.py). Post-training
-    starts a reward-conditioned model from a baseline: only the reward embedders may be new."""
-    from miro_scale.convert import load_model_file
+    """Initial weights from a model bundle (a directory or hub id: an export of ours or the released
+    weights). Post-training starts a reward-conditioned model from a baseline: only the reward
+    embedders may be new; every other tensor must exist with the same shape."""
+    from miro_scale import bundle
 
-    missing, unexpected = model.load_state_dict(load_model_file(path), strict=False)
-    missing = [k for k in missing if not k.startswith(REWARD_MODULES)]
-    if missing or unexpected:
-        raise KeyError(f"train.init_from {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    _, state, _, _ = bundle.load(path)
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+                   if k in own and state[k].shape != own[k].shape)
+    missing = sorted(k for k in own if k not in state and not k.startswith(REWARD_MODULES))
+    if missing or unexpected or wrong:
+        raise ConfigError(f"train.init_from {path}: does not fit model.*: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
+    model.load_state_dict(state, strict=False)
 
 
 class Trainer:
