@@ -19,9 +19,6 @@ matplotlib is installed). Without a GPU (and without --device cpu) it says so an
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -33,6 +30,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from miro_scale.config import load_config  # noqa: E402
+from miro_scale.tools.bench_report import run_facts, write_report  # noqa: E402
 from miro_scale.flow import MiroFlowModel  # noqa: E402
 from miro_scale.models.flops import forward_flops  # noqa: E402
 from miro_scale.sampling import reward_vector, sample  # noqa: E402
@@ -58,8 +56,8 @@ def time_batch(model, cfg, batch: int, a, device, autocast_dtype) -> dict:
     keys = m.reward_keys
     guided = a.guidance > 0
     text, mask, empty, empty_mask = prompts(cfg, batch, a.text_len, device)
-    rewards = reward_vector(keys, s.reward_targets, 1.0, m.reward_bins) if keys else None
-    negative = reward_vector(keys, s.negative_reward_targets, 0.0, m.reward_bins) if keys and guided else None
+    rewards = reward_vector(keys, s.reward_targets, 1.0) if keys else None
+    negative = reward_vector(keys, s.negative_reward_targets, 0.0) if keys and guided else None
     use_empty = guided and s.empty_prompt_negative
     g = torch.Generator(device).manual_seed(0)
     noise = torch.randn(batch, m.latent_channels, m.latent_size, m.latent_size, device=device, generator=g)
@@ -182,20 +180,11 @@ def main(argv=None) -> int:
         "warmup": a.warmup, "repeats": a.repeats, "forward_flops_per_image": fwd_flops,
         "peak_tflops": a.peak_tflops, "includes": "flow model on the ODE only (no text encoder, no VAE decode)",
         "results": results,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": " ".join(sys.argv),
+        **run_facts(device),
     }
-    try:
-        import triton
-
-        report["triton"] = triton.__version__
-    except ImportError:
-        pass
     out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"sample_{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    write_report(report, out, stem)
     plot(results, out / f"{stem}.png",
          f"sampling: {a.steps} {a.solver} steps, CFG {a.guidance:g}, {cfg.autoencoder.image_size} px, {report['device']}")
     print(f"wrote {out / stem}.json")

@@ -13,9 +13,6 @@ PNG. Without a GPU (and without --device cpu) it says so and exits with status 2
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +24,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from miro_scale.config import load_config  # noqa: E402
+from miro_scale.tools.bench_report import run_facts, write_report  # noqa: E402
 from miro_scale.flow import MiroFlowModel, flow_matching_loss  # noqa: E402
 from miro_scale.models.flops import training_flops_per_sample  # noqa: E402
 from miro_scale.train.optim import build_optimizer  # noqa: E402
@@ -142,20 +140,11 @@ def main() -> int:
         "benchmark": "train_step", "config": a.config, "overrides": a.set, "micro_batch": a.micro_batch,
         "text_len": a.text_len, "steps": a.steps, "warmup": a.warmup, "training_flops_per_sample": flops,
         "peak_tflops": a.peak_tflops, "results": results,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": " ".join(sys.argv),
+        **run_facts(device),
     }
-    try:
-        import triton
-
-        report["triton"] = triton.__version__
-    except ImportError:
-        pass
     out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"train_step_{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    write_report(report, out, stem)
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png")
     return 0
