@@ -159,7 +159,7 @@ def join_shard(task: shard_jobs.ShardTask, settings: JoinSettings, bins_doc: dic
                 skip(e.reason, key)
                 continue
             out = {e: v for e, v in members.items()
-                   if e in (TEXT_EXT,) or (e in IMAGE_EXTS and settings.images == "keep")}
+                   if e == TEXT_EXT or (e in IMAGE_EXTS and settings.images == "keep")}
             if settings.bins_dir:
                 entries = rewards.get(key)
                 if entries is None:
