@@ -123,7 +123,6 @@ class ShardJob:
     optional_outputs: Sequence[str] = ()  # written only for some shards (a stale one is removed)
     retries: int = 1
     progress: bool = True
-    input_fingerprint: Callable[[str], dict] = fingerprint
     stem_of: Callable[[str], str] = shard_stem  # the name outputs are made from ({stem})
 
     def output_names(self, stem: str) -> List[str]:
@@ -141,7 +140,7 @@ class ShardJob:
         if rec.get("params_sha256") != params_digest(self.params):
             return False, "stage parameters changed"
         try:
-            fp = self.input_fingerprint(shard)
+            fp = fingerprint(shard)
         except OSError as e:
             return False, f"input unreadable ({e})"
         if rec.get("input") != fp:
@@ -188,7 +187,7 @@ def _run_one(job: ShardJob, shard: str, bar) -> dict:
     done_path(out, job.stage, stem).unlink(missing_ok=True)  # outputs are about to change
     names = job.output_names(stem) + job.optional_names(stem)
     tmp = {name: out / f".{name}.tmp{os.getpid()}" for name in names}
-    fp = job.input_fingerprint(shard)
+    fp = fingerprint(shard)
     task = ShardTask(shard=shard, stem=stem, tmp=tmp, bar=bar, source=fp)
     t0 = time.perf_counter()
     try:

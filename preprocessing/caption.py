@@ -88,7 +88,7 @@ class Captioner:
 def caption_shard(cap: "Captioner", shard: str, kinds, batch_size: int, max_tokens: dict, progress=None):
     from miro_scale.data.decode import decode_image
     from miro_scale.data.format import SampleError, image_ext
-    from miro_scale.data.sidecars import by_reason, iter_members, open_source_shard
+    from miro_scale.data.sidecars import count_index_problems, iter_members, open_source_shard
     from miro_scale.shard_jobs import shard_stem
     rows = {"key": [], "status": [], "error": [], **{f"caption_{k}": [] for k in kinds}}
     batch = []
@@ -139,14 +139,12 @@ def caption_shard(cap: "Captioner", shard: str, kinds, batch_size: int, max_toke
         if len(batch) >= batch_size:
             flush()
     flush()
-    failures = {}
+    failures, skipped = {}, {}
     for st in rows["status"]:
         if st != "ok":
             failures[st] = failures.get(st, 0) + 1
-    for reason, _ in index.problems:
-        failures[reason] = failures.get(reason, 0) + 1
-    counts = {"samples": len(rows["key"]), "failures": failures,
-              "skipped_keys": by_reason(index.problems)}
+    count_index_problems(index, failures, skipped)
+    counts = {"samples": len(rows["key"]), "failures": failures, "skipped_keys": skipped}
     return rows, counts
 
 

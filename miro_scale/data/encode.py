@@ -34,7 +34,8 @@ from miro_scale import shard_jobs
 from .decode import decode_image
 from .format import LATENT_MEAN_EXT, LATENT_STD_EXT, SampleError, clean_caption, image_ext
 from .loader import text_emb_ext
-from .sidecars import iter_members, open_source_shard, read_captions, sample_captions, sample_meta
+from .sidecars import (count_index_problems, iter_members, open_source_shard, read_captions, sample_captions,
+                       sample_meta)
 from .tario import write_index_file
 from .writer import TarSampleWriter
 
@@ -168,9 +169,7 @@ class ShardEncoder:
                     task.bar.update(len(chunk))
             writer.close()
         write_index_file(str(task.path(INDEX)), writer.keys, writer.members)
-        for reason, name in idx.problems:
-            failures[reason] = failures.get(reason, 0) + 1
-            left_out.setdefault(reason, []).append(name)
+        count_index_problems(idx, failures, left_out)
         timing["total"] = time.perf_counter() - t0
         return {"samples": n, "written": written, "failures": failures, "skipped_keys": left_out,
                 "timing": timing}

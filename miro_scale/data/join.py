@@ -32,7 +32,7 @@ from typing import Dict, Optional
 from miro_scale import shard_jobs
 
 from .format import IMAGE_EXTS, JSON_EXT, TEXT_EXT, SampleError
-from .sidecars import check_sidecar, iter_members, open_source_shard, read_captions, sample_meta
+from .sidecars import check_sidecar, count_index_problems, iter_members, open_source_shard, read_captions, sample_meta
 from .tario import MemberReader, load_index
 from .writer import TarSampleWriter, keys_digest, write_index_file, write_manifest
 
@@ -188,8 +188,7 @@ def join_shard(task: shard_jobs.ShardTask, settings: JoinSettings, bins_doc: dic
     if reader is not None:
         reader.close()
     write_index_file(str(task.path("{stem}.idx")), writer.keys, writer.members)
-    for reason, name in idx.problems:
-        skip(reason, name)
+    count_index_problems(idx, failures, skipped)
     return {"samples": n + len(idx.problems), "written": len(writer.keys), "failures": failures,
             "skipped_keys": skipped, "keys_sha256": keys_digest(writer.keys)}
 

@@ -66,12 +66,12 @@ def open_source_shard(path: str) -> ShardIndex:
     return idx
 
 
-def by_reason(problems) -> Dict[str, list]:
-    """``{reason: [names]}`` of (reason, name) pairs, e.g. a shard index's ``problems``."""
-    out: Dict[str, list] = {}
-    for reason, name in problems:
-        out.setdefault(reason, []).append(name)
-    return out
+def count_index_problems(idx: ShardIndex, failures: Dict[str, int], skipped: Dict[str, list]) -> None:
+    """Add what a shard's index left out (duplicate keys, bad member names) to a stage's counts of
+    failures by reason and its skipped keys by reason."""
+    for reason, name in idx.problems:
+        failures[reason] = failures.get(reason, 0) + 1
+        skipped.setdefault(reason, []).append(name)
 
 
 def iter_members(path: str, idx: ShardIndex) -> Iterator[Tuple[str, dict]]:

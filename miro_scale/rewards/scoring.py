@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from miro_scale import shard_jobs
-from miro_scale.data.sidecars import (by_reason, iter_members, open_source_shard, read_captions,
+from miro_scale.data.sidecars import (count_index_problems, iter_members, open_source_shard, read_captions,
                                       sample_captions, sample_meta)
 
 from .base import Reward, View
@@ -298,20 +298,25 @@ class ShardScorer:
                 time.sleep(self.cfg.debug_delay)
             if progress is not None:
                 progress.update(len(items))
-        failures: Dict[str, int] = {}
-        for st in rows["status"]:
-            if st != STATUS_OK:
-                for k in st.split(";"):
-                    failures[k] = failures.get(k, 0) + 1
-        for reason, name in idx.problems:  # left out of the index: not rows, but counted and named
-            failures[reason] = failures.get(reason, 0) + 1
+        failures, skipped = _status_counts(rows["status"]), {}
+        count_index_problems(idx, failures, skipped)  # left out of the index: not rows, but counted and named
         n = len(rows["key"])
         counts = {"samples": n, "ok": sum(1 for s in rows["status"] if s == STATUS_OK), "failures": failures,
-                  "skipped_keys": by_reason(idx.problems),
+                  "skipped_keys": skipped,
                   "rewards": {k: {"images": v[1]} for k, v in timing.items()}}
         timing_out = {"total": time.perf_counter() - t_start, "decode_wait": decode_s,
                       "rewards": {k: v[0] for k, v in timing.items()}}
         return rows, counts, timing_out
+
+
+def _status_counts(statuses) -> Dict[str, int]:
+    """Failure kinds of a shard's rows (a status is "ok" or ";"-joined kinds), counted."""
+    failures: Dict[str, int] = {}
+    for st in statuses:
+        if st != STATUS_OK:
+            for k in st.split(";"):
+                failures[k] = failures.get(k, 0) + 1
+    return failures
 
 
 def _select(feats, sel):
@@ -379,11 +384,7 @@ def _merge_parts(task: shard_jobs.ShardTask, parts_dir: Path, ngroups: int) -> d
     counts: dict = {}
     for rec in recs:
         shard_jobs._sum_into(counts, {"rewards": rec["counts"]["rewards"]})
-    failures: Dict[str, int] = {}
-    for st in status:
-        if st != STATUS_OK:
-            for k in st.split(";"):
-                failures[k] = failures.get(k, 0) + 1
+    failures = _status_counts(status)
     for reason, names in recs[0]["counts"].get("skipped_keys", {}).items():
         failures[reason] = failures.get(reason, 0) + len(names)
     timing: dict = {}
