@@ -276,7 +276,7 @@ steps() {
     --warmup 10 --rep 40 --out-dir "$RES/kernels_bench"
 
   step bench_score 150 "$PY" preprocessing/bench_score.py --batch-size 64 --steps 4 --warmup 1 \
-    --precision bf16 --weights-dtype bf16 --out "$RES/bench_score/bench_score.json"
+    --precision auto --out "$RES/bench_score"
 
   step bench_sample 120 "$PY" benchmarks/bench_sample.py --config configs/miro_16m.json --batch-sizes 16 64 \
     --steps 50 --solver euler --guidance 7 --variants reference triton --warmup 1 --repeats 2 \

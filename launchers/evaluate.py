@@ -6,7 +6,7 @@
         --reward-config weights.json --out eval/parti/
 
 Writes eval/parti/report.json (mean and std per reward, overall and per category; every image's
-scores) and the images. Reward targets and guidance as in launchers/sample.py.
+scores) and the images; --units paper reports in the paper's Table 1 units. Reward targets and guidance as in launchers/sample.py.
 """
 import argparse
 import json
@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from miro_scale.evaluation.prompts import read_prompts  # noqa: E402
 from miro_scale.evaluation.rewards import RewardEvaluator, evaluate_rewards, write_report  # noqa: E402
+from miro_scale.rewards.units import convert_evaluation  # noqa: E402
 from miro_scale.sampling import MiroPipeline  # noqa: E402
 
 
@@ -38,6 +39,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--units", default="raw", choices=["raw", "paper", "release"],
+                   help="units of the report: raw model outputs, paper (Table 1: PickScore/100), or release "
+                        "(what MIRO binned)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     targets = {}
@@ -58,6 +62,7 @@ def main() -> int:
     out = Path(a.out)
     result = evaluate_rewards(pipeline, prompts, evaluator, reward_targets=targets, batch_size=a.batch_size,
                               seed=a.seed, out_dir=out / "images", guidance_scale=a.guidance, num_inference_steps=a.steps)
+    result = convert_evaluation(result, a.units)
     path = write_report(result, out / "report.json", model=a.model, prompts=a.prompts, reward_targets=targets,
                         guidance=a.guidance, steps=a.steps, seed=a.seed)
     for key, stats in result["summary"]["overall"].items():

@@ -31,7 +31,7 @@ bin stage (`--sizes`, rows; default 1M,4M,16M)
   `bin.py --scores DIR --out OUT --num-bins 64 --no-progress` (quantile, calibration 100k).
 
 shard stage (`--shard-sizes`, samples; default 2k,8k,32k; `--images keep,drop`)
-  Source shards are real synthetic-world WebDataset tars (`python -m miro_scale.data.synthetic_world
+  Source shards are real synthetic-world WebDataset tars (`python -m miro_scale.synthetic.world
   --resolution 256`: JPEG, txt, json). `--unique-shards` of them are generated; the others are copies
   of those with new keys (json "key" updated), which is all the join sees. The sidecars of every
   source shard are written in the exact formats of their stages, each through the shard-job runner
@@ -77,6 +77,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from miro_scale.tools.bench_report import proc_memory_kib  # noqa: E402
 
 MIRO_KEYS = ("clip_score", "aesthetic_score", "image_reward_score", "pick_a_score_score", "hpsv2_score",
              "vqa_score", "sciscore_score")
@@ -159,20 +161,6 @@ def child_env() -> dict:
     return env
 
 
-def _proc_status_kib(pid: int) -> dict:
-    """VmHWM (high-water mark of the resident set since exec), RssAnon (private memory: heap, arrays)
-    and RssFile (mapped files: shared libraries) of a live process, KiB."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmHWM:", "RssAnon:", "RssFile:")):
-                    out[line.split(":")[0]] = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
 def measure(cmd: list, log_path: Path, timeout: float | None = None, poll_s: float = 0.02) -> dict:
     """Run ``cmd`` (cwd: the checkout) with stdout+stderr to ``log_path``: wall time, peak RSS, CPU
     time and block I/O of that child.
@@ -198,7 +186,7 @@ def measure(cmd: list, log_path: Path, timeout: float | None = None, poll_s: flo
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
-            st = _proc_status_kib(p.pid)
+            st = proc_memory_kib(p.pid)
             hwm = max(hwm, st.get("VmHWM", 0))
             if st.get("RssAnon", -1) > anon:
                 anon, file_at_peak = st["RssAnon"], st.get("RssFile")
@@ -477,7 +465,7 @@ def make_sources(a, work: Path, n_shards: int) -> list:
     paths = [src / f"{i:05d}.tar" for i in range(n_shards)]
     if all(p.exists() for p in paths):
         return [str(p) for p in paths]
-    cmd = [sys.executable, "-m", "miro_scale.data.synthetic_world", "--out", str(uniq), "--num-samples", str(u * k),
+    cmd = [sys.executable, "-m", "miro_scale.synthetic.world", "--out", str(uniq), "--num-samples", str(u * k),
            "--shard-size", str(k), "--resolution", str(a.resolution), "--seed", str(a.seed),
            "--workers", str(max(1, min(4, os.cpu_count() or 1)))]
     print(f"[shard] generating {u * k} source samples: {_cmd_str(cmd)}", flush=True)

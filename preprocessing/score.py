@@ -19,16 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from miro_scale.data.plan import resolve_shards  # noqa: E402
 from miro_scale.rewards.registry import canonical_key  # noqa: E402
 from miro_scale.rewards.scoring import ScoreConfig, parse_groups, run_scoring  # noqa: E402
+from miro_scale.rewards.units import RELEASE_CAPTIONS, SCALES  # noqa: E402
 from miro_scale.shard_jobs import report, setup_logging  # noqa: E402
 
 
-def _kv(s: str, what: str) -> dict:
+def _kv(s: str, what: str, value=int) -> dict:
     out = {}
     for part in filter(None, (p.strip() for p in (s or "").split(","))):
         if "=" not in part:
             raise SystemExit(f"{what}: expected key=value, got {part!r}")
         k, v = part.split("=", 1)
-        out[canonical_key(k)] = int(v)
+        out[canonical_key(k)] = value(v.strip())
     return out
 
 
@@ -50,9 +51,23 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=4, help="decode threads per process")
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype on GPU")
-    p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="dtype of the weights (bf16 halves memory)")
+    p.add_argument("--precision", default="auto",
+                   help="weights + autocast dtype per reward: auto (the policy file on GPU, fp32 on CPU), "
+                        "fp32, bf16, fp16, or key=dtype,key=dtype (others auto)")
+    p.add_argument("--precision-policy", default=None,
+                   help="policy file for auto (default configs/score_precision.json; written by "
+                        "preprocessing/bench_precision.py --write-policy)")
+    p.add_argument("--scale", default="raw", choices=list(SCALES),
+                   help="units of the written scores: raw model outputs, or release (what MIRO binned: "
+                        "clip/100, aesthetic/10, (image_reward+2)/4, pick/100, sciscore/100)")
+    p.add_argument("--caption-for", default="",
+                   help="score a reward on one caption source only: key=source,key=source")
+    p.add_argument("--empty-captions", default="skip", choices=["skip", "score"],
+                   help="an empty caption: skip (NaN, status empty_caption) or score it (as the release did)")
+    p.add_argument("--as-released", action="store_true",
+                   help="score as MIRO's release did: --scale release, the short caption for image_reward, "
+                        "pickscore, hpsv2 and sciscore and the long one for clip and vqa (sources named "
+                        "short and long), empty captions scored")
     p.add_argument("--draft-decode", action="store_true",
                    help="decode big JPEGs at a reduced DCT scale (>= the largest view): faster, slightly different")
     p.add_argument("--retries", type=int, default=1, help="retries of a failed shard within this run")
@@ -69,12 +84,20 @@ def main(argv=None):
     if a.reward_config:
         with open(a.reward_config) as f:
             reward_kwargs = {canonical_key(k): v for k, v in json.load(f).items()}
+    caption_sources = [c.strip() for c in a.caption_sources.split(",") if c.strip()]
+    caption_for = _kv(a.caption_for, "--caption-for", str)
+    scale, empty_captions = a.scale, a.empty_captions
+    if a.as_released:
+        caption_for = {k: v for k, v in RELEASE_CAPTIONS.items() if k in rewards} | caption_for
+        used = list(dict.fromkeys(caption_for.values()))
+        caption_sources = used or caption_sources
+        scale, empty_captions = "release", "score"
     cfg = ScoreConfig(shards=shards, rewards=rewards, out_dir=a.out, groups=parse_groups(a.groups, rewards),
-                      caption_sources=[c.strip() for c in a.caption_sources.split(",") if c.strip()],
-                      captions_dir=a.captions, variant=a.variant, reward_kwargs=reward_kwargs,
+                      caption_sources=caption_sources, caption_for=caption_for, scale=scale,
+                      empty_captions=empty_captions, captions_dir=a.captions, variant=a.variant, reward_kwargs=reward_kwargs,
                       batch_sizes=_kv(a.batch_size, "--batch-size"), chunk_size=a.chunk_size,
                       num_workers=a.num_workers, device=a.device, precision=a.precision,
-                      weights_dtype=a.weights_dtype, draft_decode=a.draft_decode, retries=a.retries,
+                      precision_policy=a.precision_policy, draft_decode=a.draft_decode, retries=a.retries,
                       progress=not a.no_progress, debug_delay=a.debug_delay)
     summary = run_scoring(cfg)
     return report(summary, extra={"images_per_s": summary["images_per_s"]} if summary else None)

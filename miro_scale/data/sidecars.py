@@ -112,11 +112,12 @@ def sample_meta(members: dict, where: str, captions: Optional[dict] = None) -> d
     return meta
 
 
-def sample_captions(members: dict, meta: dict, where: str, sources: Sequence[str]) -> Tuple[dict, dict]:
+def sample_captions(members: dict, meta: dict, where: str, sources: Sequence[str],
+                    allow_empty: bool = False) -> Tuple[dict, dict]:
     """``({source: caption}, {source: SampleError})`` for each requested caption source of a sample
     (``txt``: the txt member, else json ``caption``; a name: json/sidecar ``captions[name]``); a
     source that cannot be used has an error instead (``bad_txt``, ``missing_txt``,
-    ``missing_caption``, ``empty_caption``)."""
+    ``missing_caption``, ``empty_caption`` unless ``allow_empty``)."""
     txt = txt_error = None
     if "txt" in members:
         try:
@@ -127,7 +128,7 @@ def sample_captions(members: dict, meta: dict, where: str, sources: Sequence[str
     for s in sources:
         try:
             c = choose_caption(txt, meta, s, where)
-            if not c.strip():
+            if not c.strip() and not allow_empty:
                 raise SampleError("empty_caption", f"{where}: caption {s!r} is empty")
             captions[s] = c
         except SampleError as e:

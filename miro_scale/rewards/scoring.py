@@ -14,10 +14,15 @@ next run).
 Output columns: key, status ("ok" or a ";"-joined list of failure kinds), error (first message or
 null), then one float32 column per reward (NaN where it could not be computed). A caption-dependent
 reward scored against several caption sources gets `{reward}` for the first source and
-`{reward}@{source}` for the others. The parquet schema metadata `miro_scoring` records the rewards'
-model ids and checkpoint digests and the caption sources. Captions are read from the sample (txt,
-json ``captions``) and from the caption stage's sidecars (``captions_dir``); ``<PERSON>`` tags are
-removed before scoring, as the release did.
+`{reward}@{source}` for the others; one given a single source (``caption_for``, as the release gave
+the short caption to the 77-token models and the long one to jina-clip-v2 and VQAScore) gets
+`{reward}`. Values are in the ``scale`` of miro_scale.rewards.units (raw by default; ``release`` is
+what MIRO's data preparation binned). Each reward runs in its own precision (weights and autocast:
+miro_scale.rewards.precision). The parquet schema metadata `miro_scoring` records the rewards'
+model ids and checkpoint digests, the caption sources, the scale and the precisions. Captions are
+read from the sample (txt, json ``captions``) and from the caption stage's sidecars
+(``captions_dir``); ``<PERSON>`` tags are removed before scoring, as the release did; an empty
+caption is a failure (``empty_caption``) unless ``empty_captions="score"`` (the release scored it).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +43,10 @@ from miro_scale import shard_jobs
 from miro_scale.data.sidecars import (count_index_problems, iter_members, open_source_shard, read_captions,
                                       sample_captions, sample_meta)
 
+from . import units
 from .base import Reward, View
+from .precision import DTYPES, load_policy
+from .precision import resolve as resolve_precision
 from .registry import build_reward, canonical_key
 from miro_scale.atomic import write_parquet_atomic
 
@@ -53,6 +61,9 @@ class ScoreConfig:
     out_dir: str
     groups: Optional[List[List[str]]] = None      # passes of rewards; default: one pass with all
     caption_sources: List[str] = field(default_factory=lambda: ["txt"])  # see data.format.choose_caption
+    caption_for: Dict[str, str] = field(default_factory=dict)  # reward -> the one caption source it scores
+    empty_captions: str = "skip"   # skip (NaN, status empty_caption) | score (as the release did)
+    scale: str = "raw"             # raw | release | paper (miro_scale.rewards.units)
     captions_dir: Optional[str] = None            # the caption stage's sidecars (preprocessing/caption.py)
     variant: str = "pretrained"
     reward_kwargs: Dict[str, dict] = field(default_factory=dict)
@@ -60,8 +71,8 @@ class ScoreConfig:
     chunk_size: int = 256          # samples decoded per step
     num_workers: int = 4           # decode threads
     device: Optional[str] = None   # default: cuda:LOCAL_RANK if available else cpu
-    precision: str = "bf16"        # autocast dtype on GPU: bf16 | fp16 | fp32
-    weights_dtype: str = "fp32"    # dtype the weights are kept in (bf16 halves memory, e.g. VQAScore's 11B)
+    precision: str = "auto"        # per reward weights + autocast dtype (miro_scale.rewards.precision.resolve)
+    precision_policy: Optional[str] = None  # policy file for "auto" (default configs/score_precision.json)
     progress: bool = True
     rank: Optional[int] = None
     world_size: Optional[int] = None
@@ -71,12 +82,12 @@ class ScoreConfig:
     debug_delay: float = 0.0       # seconds to sleep per chunk (tests of kill/resume)
 
 
-def _rows_to_table(rows: Dict[str, list], reward_cols: List[str], meta: dict):
+def _rows_to_table(rows: Dict[str, list], reward_cols: List[str], meta: dict, scale: str = "raw"):
     import pyarrow as pa
     cols = {"key": pa.array(rows["key"], pa.string()), "status": pa.array(rows["status"], pa.string()),
             "error": pa.array(rows["error"], pa.string())}
     for c in reward_cols:
-        cols[c] = pa.array(np.asarray(rows[c], dtype=np.float32), pa.float32())
+        cols[c] = pa.array(np.asarray(units.from_raw(c, rows[c], scale), dtype=np.float32), pa.float32())
     t = pa.table(cols)
     return t.replace_schema_metadata({"miro_scoring": json.dumps(meta, sort_keys=True)})
 
@@ -92,7 +103,7 @@ class Prepared:
 
 
 def _prepare(key: str, members: dict, where: str, views: Sequence[View], caption_sources: Sequence[str],
-             min_size: int, sidecar_captions: Optional[dict] = None) -> Prepared:
+             min_size: int, sidecar_captions: Optional[dict] = None, allow_empty: bool = False) -> Prepared:
     from miro_scale.data.decode import decode_image
     from miro_scale.data.format import SampleError, clean_caption, image_ext
     failures: List[str] = []
@@ -105,7 +116,7 @@ def _prepare(key: str, members: dict, where: str, views: Sequence[View], caption
         if any(s != "txt" for s in caption_sources) or "txt" not in members:
             failures.append(e.reason)
             error = str(e)
-    found, errors = sample_captions(members, meta, where, caption_sources)
+    found, errors = sample_captions(members, meta, where, caption_sources, allow_empty=allow_empty)
     caps: Dict[str, Optional[str]] = {s: (clean_caption(found[s]) if s in found else None)
                                       for s in caption_sources}
     for e in errors.values():
@@ -141,21 +152,37 @@ def _chunks(it, n):
         yield buf
 
 
-def _column(reward: Reward, source: str, first: str) -> str:
-    return reward.key if (not reward.needs_text or source == first) else f"{reward.key}@{source}"
+def reward_sources(reward: Reward, caption_sources: Sequence[str], caption_for: Mapping[str, str]) -> List[str]:
+    """The caption sources a reward is scored on: its one source in ``caption_for``, else all of
+    ``caption_sources`` (an image-only reward: the first, for its column's name)."""
+    if not reward.needs_text:
+        return list(caption_sources[:1])
+    if reward.key in caption_for:
+        return [caption_for[reward.key]]
+    return list(caption_sources)
 
 
-def reward_columns(rewards: Sequence[Reward], caption_sources: Sequence[str]) -> List[str]:
-    cols = []
-    for r in rewards:
-        srcs = caption_sources if r.needs_text else caption_sources[:1]
-        cols.extend(_column(r, s, caption_sources[0]) for s in srcs)
-    return cols
+def _column(reward: Reward, source: str, caption_sources: Sequence[str], caption_for: Mapping[str, str]) -> str:
+    plain = not reward.needs_text or reward.key in caption_for or source == caption_sources[0]
+    return reward.key if plain else f"{reward.key}@{source}"
+
+
+def reward_columns(rewards: Sequence[Reward], caption_sources: Sequence[str],
+                   caption_for: Optional[Mapping[str, str]] = None) -> List[str]:
+    caption_for = caption_for or {}
+    return [_column(r, s, caption_sources, caption_for) for r in rewards
+            for s in reward_sources(r, caption_sources, caption_for)]
+
+
+def sources_to_read(cfg: "ScoreConfig") -> List[str]:
+    """Every caption source a sample must provide: the scored ones and those of ``caption_for``."""
+    return list(dict.fromkeys(list(cfg.caption_sources) + list(cfg.caption_for.values())))
 
 
 # ----------------------------------------------------------------------------- the scorer
 class ShardScorer:
-    def __init__(self, rewards: Sequence[Reward], cfg: ScoreConfig, device: torch.device):
+    def __init__(self, rewards: Sequence[Reward], cfg: ScoreConfig, device: torch.device,
+                 precision: Mapping[str, str]):
         self.rewards = list(rewards)
         self.cfg = cfg
         self.device = device
@@ -164,14 +191,17 @@ class ShardScorer:
             views.setdefault(r.view.name, r.view)
         self.views = list(views.values())
         self.min_size = (max(v.size for v in self.views) if self.views else 0) if cfg.draft_decode else None
-        self.cols = reward_columns(self.rewards, cfg.caption_sources)
+        self.sources = sources_to_read(cfg)
+        self.cols = reward_columns(self.rewards, cfg.caption_sources, cfg.caption_for)
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers)) if cfg.num_workers > 0 else None
         self.prefetch = ThreadPoolExecutor(1) if cfg.num_workers > 0 else None
-        if device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
-            dt = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-            self.autocast = lambda: torch.autocast("cuda", dtype=dt)
-        else:
-            self.autocast = nullcontext
+        self.precision = dict(precision)
+
+    def autocast(self, r: Reward):
+        p = self.precision.get(r.key, "fp32")
+        if p == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[p])
 
     def _bs(self, r: Reward) -> int:
         return int(self.cfg.batch_sizes.get(r.key, r.batch_size))
@@ -182,8 +212,7 @@ class ShardScorer:
 
     def _run_reward(self, r: Reward, items: List[Prepared], rows: Dict[str, list], base: int,
                     timing: Dict[str, list]):
-        srcs = self.cfg.caption_sources if r.needs_text else self.cfg.caption_sources[:1]
-        first = self.cfg.caption_sources[0]
+        srcs = reward_sources(r, self.cfg.caption_sources, self.cfg.caption_for)
         valid = [i for i, p in enumerate(items) if r.view.name in p.views]
         if r.needs_text:
             # bucket by caption length (first available source) so batches pad little
@@ -196,11 +225,11 @@ class ShardScorer:
             idx = valid[b0:b0 + bs]
             t0 = time.perf_counter()
             try:
-                self._score_batch(r, items, idx, srcs, first, rows, base)
+                self._score_batch(r, items, idx, srcs, rows, base)
             except Exception:  # isolate the failing sample(s) one by one
                 for i in idx:
                     try:
-                        self._score_batch(r, items, [i], srcs, first, rows, base)
+                        self._score_batch(r, items, [i], srcs, rows, base)
                     except Exception as e1:
                         self._fail(rows, base + i, f"reward_error:{r.key}",
                                    f"{r.key}: {type(e1).__name__}: {e1}")
@@ -209,11 +238,11 @@ class ShardScorer:
             timing[r.key][1] += len(idx)
 
     @torch.no_grad()
-    def _score_batch(self, r: Reward, items, idx, srcs, first, rows, base):
+    def _score_batch(self, r: Reward, items, idx, srcs, rows, base):
         imgs = r.view.collate([items[i].views[r.view.name] for i in idx])
         if isinstance(imgs, torch.Tensor):
             imgs = imgs.to(self.device, non_blocking=True)
-        with self.autocast():
+        with self.autocast(r):
             if not r.needs_text:
                 vals = r.score(imgs, None).float().cpu().numpy()
                 for j, i in enumerate(idx):
@@ -222,7 +251,7 @@ class ShardScorer:
             if r.shares_image_features:
                 feats = r.encode_images(imgs)
             for s in srcs:
-                col = _column(r, s, first)
+                col = _column(r, s, self.cfg.caption_sources, self.cfg.caption_for)
                 sel = [j for j, i in enumerate(idx) if items[i].captions[s] is not None]
                 if not sel:
                     continue
@@ -264,8 +293,8 @@ class ShardScorer:
 
         def prep(kv):
             key, members = kv
-            return _prepare(key, members, f"{stem}:{key}", self.views, self.cfg.caption_sources, self.min_size,
-                            captions.get(key))
+            return _prepare(key, members, f"{stem}:{key}", self.views, self.sources, self.min_size,
+                            captions.get(key), allow_empty=self.cfg.empty_captions == "score")
 
         chunks = _chunks(iter_members(shard, idx), self.cfg.chunk_size)
 
@@ -342,10 +371,12 @@ def parse_groups(groups: Optional[str], rewards: Sequence[str]) -> List[List[str
     return out
 
 
-def _params(cfg: ScoreConfig, keys: Sequence[str]) -> dict:
+def _params(cfg: ScoreConfig, keys: Sequence[str], precision: Mapping[str, str]) -> dict:
     return {"rewards": list(keys), "caption_sources": cfg.caption_sources, "variant": cfg.variant,
+            "caption_for": {k: v for k, v in sorted(cfg.caption_for.items()) if k in keys},
+            "empty_captions": cfg.empty_captions, "scale": cfg.scale,
             "reward_kwargs": {k: cfg.reward_kwargs.get(k, {}) for k in keys},
-            "weights_dtype": cfg.weights_dtype, "draft_decode": cfg.draft_decode,
+            "precision": {k: precision[k] for k in keys}, "draft_decode": cfg.draft_decode,
             "captions_dir": os.path.abspath(cfg.captions_dir) if cfg.captions_dir else None}
 
 
@@ -415,9 +446,15 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
         raise ValueError(f"groups {groups} must partition the rewards {cfg.rewards}")
     out = Path(cfg.out_dir)
     parts_dir = out / "_parts"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.weights_dtype]
+    if cfg.scale not in units.SCALES:
+        raise ValueError(f"scale must be one of {', '.join(units.SCALES)}, got {cfg.scale!r}")
+    if cfg.empty_captions not in ("skip", "score"):
+        raise ValueError(f"empty_captions must be skip or score, got {cfg.empty_captions!r}")
+    cfg.caption_for = {canonical_key(k): v for k, v in cfg.caption_for.items()}
+    precision = resolve_precision(cfg.precision, cfg.rewards, device,
+                                  load_policy(cfg.precision_policy) if cfg.precision_policy else None)
     final = shard_jobs.ShardJob(stage=STAGE, out_dir=str(out), outputs=["{stem}.scores.parquet"],
-                                params=_params(cfg, cfg.rewards), process=None, retries=cfg.retries,
+                                params=_params(cfg, cfg.rewards, precision), process=None, retries=cfg.retries,
                                 progress=cfg.progress)
 
     def scoring_job(keys, stage, out_dir, output):
@@ -427,23 +464,25 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
             if "scorer" not in state:
                 rewards = []
                 for k in keys:
+                    dtype = DTYPES[precision[k]]
                     r = build_reward(k, cfg.variant, device=device, dtype=dtype, **cfg.reward_kwargs.get(k, {}))
                     if dtype != torch.float32:
                         for m in r.modules():
                             m.to(dtype=dtype)
                     rewards.append(r)
-                state["scorer"] = ShardScorer(rewards, cfg, device)
+                state["scorer"] = ShardScorer(rewards, cfg, device, precision)
             scorer = state["scorer"]
             captions = read_captions(cfg.captions_dir, task.stem, task.source)
             rows, counts, timing = scorer.score_shard(task.shard, captions, task.bar)
             meta = {"shard": os.path.basename(task.shard), "rewards": {r.key: r.info() for r in scorer.rewards},
-                    "captions": cfg.caption_sources}
-            write_parquet_atomic(_rows_to_table(rows, scorer.cols, meta), task.path(output))
+                    "captions": cfg.caption_sources, "caption_for": cfg.caption_for, "scale": cfg.scale,
+                    "precision": {k: precision[k] for k in keys}}
+            write_parquet_atomic(_rows_to_table(rows, scorer.cols, meta, cfg.scale), task.path(output))
             counts["timing"] = timing
             return counts
 
         job = shard_jobs.ShardJob(stage=stage, out_dir=str(out_dir), outputs=[output],
-                                  params=_params(cfg, keys), process=process, retries=cfg.retries,
+                                  params=_params(cfg, keys, precision), process=process, retries=cfg.retries,
                                   progress=cfg.progress)
         return job, state
 

@@ -24,6 +24,21 @@ def run_facts(device: torch.device) -> dict:
     return facts
 
 
+def proc_memory_kib(pid: int | str = "self") -> dict:
+    """VmRSS (resident now), VmHWM (high-water mark of the resident set since exec), RssAnon (private
+    memory: heap, arrays) and RssFile (mapped files: shared libraries) of a live process, KiB (Linux;
+    empty elsewhere)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
+                    out[line.split(":")[0]] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def write_report(report: dict, out_dir: str | Path, stem: str) -> Path:
     """``{out_dir}/{stem}.json``; returns its path."""
     out = Path(out_dir)
