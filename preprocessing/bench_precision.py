@@ -72,8 +72,6 @@ def score_all(key, variant, precision, device, cfg, samples, reward_kwargs, batc
     """Scores of every sample in one precision, through the scorer's own batching and autocast;
     samples it cannot use (bad image, missing caption) are NaN in every precision alike."""
     reward = build_reward(key, variant, device=device, dtype=prec.DTYPES[precision], **reward_kwargs)
-    for m in reward.modules():
-        m.to(dtype=prec.DTYPES[precision])
     scorer = ShardScorer([reward], cfg, device, {key: precision})
     rows = {c: [float("nan")] * len(samples) for c in scorer.cols}
     rows.update(status=["ok"] * len(samples), error=[None] * len(samples))

@@ -53,9 +53,6 @@ def build_one(key, args, device, precision):
         r = build_reward(key, args.variant, device=device, dtype=dtype)
     if hasattr(r, "materialize"):  # rewards that defer random weights to first use
         r.materialize()
-    for m in r.modules():
-        m.to(device=device, dtype=dtype)
-    r.dtype = dtype
     if device.type == "cuda":
         torch.cuda.synchronize()
     params = [p for m in r.modules() for p in list(m.parameters()) + list(m.buffers())]

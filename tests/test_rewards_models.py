@@ -1,6 +1,4 @@
 """Reward models on tiny configs of their real architectures: scoring, strict loading, key names."""
-import json
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ X = torch.randn(3, 3, 224, 224)
 CAPS = ["a red circle", "two blue squares left of a green star", "x " * 300]
 
 
-@pytest.mark.parametrize("key", ["aesthetic", "hpsv2", "pickscore", "sciscore", "image_reward"])
+@pytest.mark.parametrize("key", ["aesthetic", "hpsv2", "pickscore", "sciscore", "image_reward", "clip_score"])
 def test_tiny_models_score_and_share_image_features(key):
     r = build_reward(key, "tiny")
     s = r.score(X, CAPS)
@@ -46,7 +44,6 @@ def test_aesthetic_loads_strictly_and_names_bad_keys(tmp_path):
     src = AestheticReward(clip_config=_tiny_clip_cfg(True), random_init=True)
     torch.nn.init.normal_(src.head.layers[7].weight, std=1.0)  # make the head's output non-trivial
     # an OpenAI-style checkpoint with metadata keys, a head with the predictor's key names
-    clip_sd = dict(AestheticReward(clip_config=_tiny_clip_cfg(True), random_init=True).clip.state_dict())
     from miro_scale.rewards.openclip_models import build_open_clip
     full = build_open_clip(_tiny_clip_cfg(True))
     full.visual.load_state_dict(src.clip.visual.state_dict())
@@ -103,7 +100,7 @@ def test_pickscore_from_pretrained_dir_and_strict_errors(tmp_path):
     # the score is logit_scale.exp() * cosine
     m = src.model
     with torch.no_grad():
-        out = m(input_ids=src.tokenizer(CAPS)[0], pixel_values=X)
+        out = m(input_ids=src.tokenize(CAPS)[0], pixel_values=X)
     assert torch.allclose(out.logits_per_image.diagonal(), src.score(X, CAPS), atol=1e-4)
     sd = load_file(tmp_path / "pick" / "model.safetensors")
     sd.pop("visual_projection.weight")

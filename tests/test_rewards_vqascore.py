@@ -58,7 +58,9 @@ def test_full_size_manifest_has_the_released_names():
     assert 11.4e9 < n < 11.5e9  # FlanT5-XXL with its own lm_head (11.1B) + CLIP ViT-L (0.3B) + projector
 
 
-def _save_released_layout(r, d, drop=(), extra=None, with_vision=True):
+def _save_released_layout(r, d, drop=(), extra=None, with_vision=True, bin_shards=0):
+    """The tiny model under the released checkpoint's names: model.safetensors, or (bin_shards > 0)
+    pytorch_model-0000i-of-0000n.bin shards listed by pytorch_model.bin.index.json."""
     from safetensors.torch import save_file
     flat = vq._flat_clip_vision()
     sd = {}
@@ -71,7 +73,17 @@ def _save_released_layout(r, d, drop=(), extra=None, with_vision=True):
         sd[ck] = v.detach().clone().contiguous()
     sd.update(extra or {})
     d.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(d / "model.safetensors"))
+    if bin_shards:
+        keys = sorted(sd)
+        weight_map = {}
+        for i in range(bin_shards):
+            name = f"pytorch_model-{i + 1:05d}-of-{bin_shards:05d}.bin"
+            part = {k: sd[k] for k in keys[i::bin_shards]}
+            torch.save(part, d / name)
+            weight_map.update(dict.fromkeys(part, name))
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_file(sd, str(d / "model.safetensors"))
     t5, _ = vq.tiny_configs()
     cfg = {k: v for k, v in t5.to_dict().items() if k not in ("scale_decoder_outputs",)}
     cfg.update(model_type="clip_t5", tie_word_embeddings=False, mm_projector_type="mlp2x_gelu",
@@ -91,8 +103,41 @@ def test_load_released_layout_strictly(tmp_path):
     with pytest.raises(CheckpointError) as e:
         vq.VQAScoreReward(weights=str(tmp_path / "bad"), vision_config=vis, tokenizer=r.tokenizer)
     assert "mm_projector.2.bias" in str(e.value) and "mm_projector.4.weight" in str(e.value)
+    post_ln = vq.VT + "vision_model.post_layernorm.weight"
+    _save_released_layout(r, tmp_path / "partial", drop=(post_ln,))
+    with pytest.raises(CheckpointError, match="1 missing key.*" + post_ln):
+        vq.VQAScoreReward(weights=str(tmp_path / "partial"), vision_config=vis, tokenizer=r.tokenizer)
     # a LLaVA-style checkpoint without the vision tower needs vision_weights
     _save_released_layout(r, tmp_path / "novis", with_vision=False)
     with pytest.raises(CheckpointError, match="no vision tower"):
         vq.VQAScoreReward(weights=str(tmp_path / "novis"), vision_weights=None, vision_config=vis,
                           tokenizer=r.tokenizer)
+
+
+def test_released_checkpoint_with_tied_embedding_aliases(tmp_path):
+    """t2v-metrics' model sets `self.embed_tokens = self.encoder.embed_tokens`, so its .bin shards hold
+    `embed_tokens.weight` (and the tied encoder/decoder copies) beside `shared.weight`: accepted when
+    equal to it, an error naming the key otherwise."""
+    r = build_reward("vqa", "tiny")
+    _, vis = vq.tiny_configs()
+    shared = r.model.shared.weight.detach().clone()
+    tied = {k: shared.clone() for k in ("embed_tokens.weight", "encoder.embed_tokens.weight",
+                                        "decoder.embed_tokens.weight")}
+    _save_released_layout(r, tmp_path / "ok", extra=tied, bin_shards=3)
+    r2 = vq.VQAScoreReward(weights=str(tmp_path / "ok"), vision_config=vis, tokenizer=r.tokenizer)
+    assert torch.equal(r2.score(X, CAPS), r.score(X, CAPS))
+    for key, value, match in (
+            ("embed_tokens.weight", shared + 1, r"embed_tokens.weight \(differs from shared.weight\)"),
+            ("decoder.embed_tokens.weight", shared * 0, r"decoder.embed_tokens.weight \(differs from shared.weight\)"),
+            ("embed_tokens.weight", shared[:5], r"embed_tokens.weight: checkpoint \(5, 32\)")):
+        _save_released_layout(r, tmp_path / "bad", extra={**tied, key: value}, bin_shards=2)
+        with pytest.raises(CheckpointError, match=match):
+            vq.VQAScoreReward(weights=str(tmp_path / "bad"), vision_config=vis, tokenizer=r.tokenizer)
+
+
+def test_check_checkpoint_knows_the_alias():
+    m = vq.manifest()
+    sd = {k: torch.empty(s, device="meta") for k, s in m.items()}
+    vq.check_checkpoint(dict(sd, **{"embed_tokens.weight": sd["shared.weight"]}))
+    with pytest.raises(CheckpointError, match=r"embed_tokens.weight: checkpoint \(3, 4096\)"):
+        vq.check_checkpoint(dict(sd, **{"embed_tokens.weight": torch.empty(3, 4096, device="meta")}))

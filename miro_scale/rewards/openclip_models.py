@@ -1,22 +1,27 @@
 """open_clip-based rewards: LAION aesthetic predictor (ViT-L/14 QuickGELU + MLP) and HPSv2 / HPSv2.1 (ViT-H-14).
 
 Architectures are built from open_clip model configs (a built-in name such as "ViT-H-14" or a
-config dict, e.g. a tiny one for tests); weights come from a local file or a hub repo + filename and
-are loaded strictly (see loading.strict_load).
+config dict, e.g. a tiny one for tests). Released weights (a local file or a hub repo + filename)
+are streamed strictly into a model built on the meta device and materialised on the target device
+in the target dtype (loading.load_checkpoint_files): host memory never holds a second copy.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .base import VIEWS, Reward
 from .heads import RewardMLP
-from .loading import file_digest, load_state_dict_file, resolve_file, strict_load
+from .loading import file_digest, init_on_meta, load_checkpoint_files, materialize, resolve_file
 
 # Keys of OpenAI's original checkpoints that are metadata, not parameters.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+# The text tower's modules (the aesthetic predictor reads images only) and their checkpoint keys.
+TEXT_TOWER = ("transformer", "token_embedding", "ln_final")
+TEXT_TOWER_KEYS = tuple(f"{m}.*" for m in TEXT_TOWER) + ("attn_mask",)
 
 
 def build_open_clip(cfg: Union[str, dict], quick_gelu: Optional[bool] = None) -> torch.nn.Module:
@@ -41,13 +46,22 @@ def open_clip_tokenizer(context_length: int = 77):
     return SimpleTokenizer(context_length=context_length)
 
 
-def _load_clip_weights(model, source: str, filename: Optional[str]) -> str:
-    path = resolve_file(source, filename)
-    sd = load_state_dict_file(path)
-    for k in OPENAI_META_KEYS:
-        sd.pop(k, None)
-    strict_load(model, sd, source=str(path), optional=("attn_mask",))
-    return file_digest(path)
+def build_clip_reward_model(clip_config: Union[str, dict], weights: Optional[str], filename: Optional[str],
+                            device, dtype, image_only: bool = False):
+    """(open_clip CLIP on `device` in `dtype`, checkpoint digest or ""). Without `weights`, random
+    (seeded by the caller). `image_only` drops the text tower before any storage is allocated."""
+    with contextlib.nullcontext() if weights is None else init_on_meta():
+        model = build_open_clip(clip_config)
+    if image_only:
+        for name in TEXT_TOWER:
+            setattr(model, name, torch.nn.Identity())
+    materialize(model, device, dtype, keep_fp32=("logit_scale",))
+    if weights is None:
+        return model, ""
+    path = resolve_file(weights, filename)
+    ignore: Sequence[str] = OPENAI_META_KEYS + (TEXT_TOWER_KEYS if image_only else ())
+    load_checkpoint_files(model, [path], source=str(path), optional=("attn_mask",), ignore=ignore)
+    return model, file_digest(path)
 
 
 class AestheticReward(Reward):
@@ -63,27 +77,21 @@ class AestheticReward(Reward):
                  clip_filename: Optional[str] = "open_clip_pytorch_model.bin",
                  head_weights: Optional[str] = None, head_filename: Optional[str] = "sac+logos+ava1-l14-linearMSE.pth",
                  random_init: bool = False, device="cpu", dtype=torch.float32):
-        self.clip = build_open_clip(clip_config)
-        self.head = RewardMLP(self.clip.visual.output_dim).eval()
-        digests = []
-        if not random_init:
-            if clip_weights is None or head_weights is None:
-                raise ValueError("aesthetic_score: clip_weights and head_weights are required "
-                                 "(or random_init=True for tests/benchmarks)")
-            digests.append(_load_clip_weights(self.clip, clip_weights, clip_filename))
-            hp = resolve_file(head_weights, head_filename)
-            strict_load(self.head, load_state_dict_file(hp), source=str(hp))
-            digests.append(file_digest(hp))
-            self.model_id = f"{clip_weights}+{head_weights}"
-        else:
+        if not random_init and (clip_weights is None or head_weights is None):
+            raise ValueError("aesthetic_score: clip_weights and head_weights are required "
+                             "(or random_init=True for tests/benchmarks)")
+        self.clip, clip_digest = build_clip_reward_model(clip_config, None if random_init else clip_weights,
+                                                         clip_filename, device, dtype, image_only=True)
+        # the head is 1.2M parameters and its output is the score: it stays fp32
+        self.head = RewardMLP(self.clip.visual.output_dim).eval().to(device)
+        if random_init:
             self.model_id = "random"
-        self.checkpoint_digest = ",".join(digests)
-        # the text tower is never used: drop it to save memory
-        for name in ("transformer", "token_embedding", "ln_final"):
-            if hasattr(self.clip, name):
-                setattr(self.clip, name, torch.nn.Identity())
+        else:
+            hp = resolve_file(head_weights, head_filename)
+            load_checkpoint_files(self.head, [hp], source=str(hp))
+            self.checkpoint_digest = f"{clip_digest},{file_digest(hp)}"
+            self.model_id = f"{clip_weights}+{head_weights}"
         self.device, self.dtype = torch.device(device), dtype
-        self.to(device)
 
     @torch.no_grad()
     def encode_images(self, images):
@@ -93,7 +101,8 @@ class AestheticReward(Reward):
 
     @torch.no_grad()
     def score_features(self, features, captions=None):
-        return self.head(features.to(self.head.layers[0].weight.dtype)).squeeze(-1).float()
+        with torch.autocast(self.device.type, enabled=False):
+            return self.head(features.float()).squeeze(-1)
 
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -118,17 +127,13 @@ class HPSv2Reward(Reward):
         if view not in ("clip224", "letterbox224"):
             raise ValueError(f"hpsv2_score: view must be clip224 or letterbox224, got {view!r}")
         self.view = VIEWS[view]
-        self.clip = build_open_clip(clip_config)
+        fn = filename or HPS_FILES[version]
+        self.clip, self.checkpoint_digest = build_clip_reward_model(clip_config, None if random_init else weights,
+                                                                    fn, device, dtype)
         self.tokenizer = open_clip_tokenizer(self.clip.context_length)
-        if random_init:
-            self.model_id = "random"
-        else:
-            fn = filename or HPS_FILES[version]
-            self.checkpoint_digest = _load_clip_weights(self.clip, weights, fn)
-            self.model_id = f"{weights}/{fn}"
+        self.model_id = "random" if random_init else f"{weights}/{fn}"
         self.version = version
         self.device, self.dtype = torch.device(device), dtype
-        self.to(device)
 
     @torch.no_grad()
     def encode_images(self, images):

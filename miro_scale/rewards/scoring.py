@@ -465,11 +465,9 @@ def run_scoring(cfg: ScoreConfig) -> Optional[dict]:
                 rewards = []
                 for k in keys:
                     dtype = DTYPES[precision[k]]
-                    r = build_reward(k, cfg.variant, device=device, dtype=dtype, **cfg.reward_kwargs.get(k, {}))
-                    if dtype != torch.float32:
-                        for m in r.modules():
-                            m.to(dtype=dtype)
-                    rewards.append(r)
+                    # builders place weights on the device in the dtype (what must stay fp32 stays fp32)
+                    rewards.append(build_reward(k, cfg.variant, device=device, dtype=dtype,
+                                                **cfg.reward_kwargs.get(k, {})))
                 state["scorer"] = ShardScorer(rewards, cfg, device, precision)
             scorer = state["scorer"]
             captions = read_captions(cfg.captions_dir, task.stem, task.source)

@@ -12,10 +12,14 @@ on the answer "Yes" (tokens "Yes", "</s>"); score = exp(-mean cross-entropy over
 
 State-dict names follow the released checkpoint (a T5ForConditionalGeneration subclass):
 shared / encoder.* / decoder.* / lm_head (FlanT5), mm_projector.{0,2}.*, and
-vision_tower.vision_tower.vision_model.* (CLIPVisionModel). LLaVA-style checkpoints may omit the
-vision tower: it is then loaded from `vision_weights` (openai/clip-vit-large-patch14-336).
-`manifest()` lists every name and shape of the full-size model, built on the meta device from the
-published configs, so a downloaded checkpoint can be checked without loading it (check_checkpoint).
+vision_tower.vision_tower.vision_model.* (CLIPVisionModel), plus t2v-metrics' top-level alias
+`embed_tokens.weight` of `shared.weight` (accepted only when equal to it). LLaVA-style checkpoints
+may omit the vision tower: it is then loaded from `vision_weights` (openai/clip-vit-large-patch14-336).
+The model is built on the meta device, materialised on the target device in the target dtype and
+filled tensor by tensor (loading.load_checkpoint_files): host memory stays near one tensor (one shard
+for .bin files) instead of the 44 GB of an fp32 copy. `manifest()` lists every name and shape of
+the full-size model, built on the meta device from the published configs, so a downloaded
+checkpoint can be checked without loading it (check_checkpoint).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import VIEWS, Reward
-from .loading import CheckpointError, check_state_dict, dir_digest
+from .loading import (CheckpointError, check_state_dict, dir_digest, init_on_meta, load_checkpoint_files,
+                      materialize, model_dir, weight_files)
 
 SYSTEM_MSG = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
@@ -132,94 +137,63 @@ def manifest(t5_config=None, vision_config=None) -> Dict[str, Tuple[int, ...]]:
     return {to_checkpoint_name(k, flat): tuple(v.shape) for k, v in m.state_dict().items()}
 
 
-# Tied copies of the shared embedding and non-persistent buffers a checkpoint may leave out.
-OPTIONAL = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", VT + "vision_model.embeddings.position_ids")
+# Copies of the shared embedding a checkpoint may hold besides `shared.weight`: t2v-metrics'
+# CLIPT5ForConditionalGeneration sets `self.embed_tokens = self.encoder.embed_tokens`, so its state dict
+# also has a top-level `embed_tokens.weight` (encoder./decoder.embed_tokens are tied in our model too).
+ALIASES = {"embed_tokens.weight": "shared.weight"}
+# Tied copies and buffers (computed at construction) a checkpoint may leave out.
+OPTIONAL = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "*position_ids")
+
+
+def keep_fp32(dtype) -> Tuple[str, ...]:
+    """FlanT5's feed-forward output projections overflow in fp16: transformers keeps them in fp32 there."""
+    return ("*.DenseReluDense.wo.weight",) if dtype == torch.float16 else ()
 
 
 def check_checkpoint(state_dict, source: str = "<checkpoint>", with_vision: bool = True, **cfg) -> None:
     """Check a checkpoint's names and shapes against the manifest (CheckpointError names the keys)."""
     exp = manifest(**cfg)
-    optional = list(OPTIONAL) + ([] if with_vision else [VT + "*"])
+    exp.update({alias: exp[k] for alias, k in ALIASES.items()})
+    optional = list(OPTIONAL) + list(ALIASES) + ([] if with_vision else [VT + "*"])
     check_state_dict(exp, state_dict, source=source, optional=optional)
 
 
-def _weight_files(d):
+def load_clip_t5(source: str, vision_weights: Optional[str] = None, vision_config=None, device="cpu",
+                 dtype=torch.float32):
+    """Build CLIP-FlanT5 from a local directory or hub id on the meta device, materialise it on
+    `device` in `dtype` and stream the checkpoint into it tensor by tensor, strictly (names in the
+    checkpoint's namespace; the vision tower from `vision_weights` when the checkpoint has none)."""
     import json
-    from pathlib import Path
-    d = Path(d)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (d / index).exists():
-            return sorted({d / f for f in json.loads((d / index).read_text())["weight_map"].values()})
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (d / single).exists():
-            return [d / single]
-    raise FileNotFoundError(f"{d}: no model.safetensors / pytorch_model.bin (or their .index.json)")
-
-
-def load_clip_t5(source: str, vision_weights: Optional[str] = None, vision_config=None):
-    """Build CLIP-FlanT5 from a local directory or hub id, loading shard by shard with strict checks
-    (names in the checkpoint's namespace; the vision tower from `vision_weights` when absent)."""
-    import json
-    from pathlib import Path
 
     from transformers import T5Config
-
-    from .loading import load_state_dict_file
-    d = Path(source)
-    if not d.is_dir():
-        from huggingface_hub import snapshot_download
-        d = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    d = model_dir(source)
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("model_type", None)
     t5 = T5Config(**{k: v for k, v in cfg.items() if not k.startswith(("mm_", "architectures", "auto_map"))})
     t5.mm_vision_select_layer = cfg.get("mm_vision_select_layer", -2)
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise CheckpointError(f"{d}: mm_projector_type {cfg.get('mm_projector_type')!r} is not mlp2x_gelu")
-    with torch.device("meta"):
+    with init_on_meta():
         model = build_model(t5, vision_config or clip_l14_336_vision_config())
-    model = model.to_empty(device="cpu")
-    for mod in model.modules():  # to_empty leaves buffers uninitialised: position ids are the only ones
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if name != "position_ids":
-                raise CheckpointError(f"load_clip_t5: unexpected buffer {name} in {type(mod).__name__}")
-            with torch.no_grad():
-                buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    materialize(model, device, dtype, keep_fp32=keep_fp32(dtype))
     flat = _flat_clip_vision()
-    expected = {to_checkpoint_name(k, flat): tuple(v.shape) for k, v in model.state_dict().items()}
-    seen = {}
-    params = model.state_dict()
-    for f in _weight_files(d):
-        sd = load_state_dict_file(f)
-        for k, v in sd.items():
-            seen[k] = tuple(v.shape)
-            mk = to_module_name(k, flat)
-            if mk in params and tuple(params[mk].shape) == tuple(v.shape):
-                with torch.no_grad():
-                    params[mk].copy_(v)
-        del sd
-    has_vision = any(k.startswith(VT) for k in seen)
-    optional = list(OPTIONAL) + ([] if has_vision else [VT + "*"])
-    check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in seen.items()}, source=str(d),
-                     optional=optional)
-    # tied copies of the shared embedding
-    with torch.no_grad():
-        for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-            if k not in seen:
-                params[k].copy_(params["shared.weight"])
-        if (VT + "vision_model.embeddings.position_ids") not in seen:
-            pid = to_module_name(VT + "vision_model.embeddings.position_ids", flat)
-            if pid in params:
-                params[pid].copy_(torch.arange(params[pid].shape[-1]).expand_as(params[pid]))
-    if not has_vision:
+    # tied copies of `shared` need no `optional`: loading any one name of a tensor loads all of them
+    loaded = load_checkpoint_files(model, weight_files(d), source=str(d), aliases=ALIASES,
+                                   rename=lambda k: to_module_name(k, flat), optional=("*position_ids", VT + "*"),
+                                   ignore=("*position_ids",))
+    tower = {k for k in model.state_dict() if k.startswith(VT) and not k.endswith("position_ids")}
+    if not loaded & tower:  # a LLaVA-style checkpoint without the vision tower
         if vision_weights is None:
             raise CheckpointError(f"{d}: has no vision tower weights and no vision_weights were given")
-        from transformers import CLIPVisionModel
-        vt, vinfo = CLIPVisionModel.from_pretrained(vision_weights, output_loading_info=True)
-        bad = [k for k in vinfo.get("missing_keys", []) if "position_ids" not in k] + \
-            list(vinfo.get("unexpected_keys", [])) + list(vinfo.get("mismatched_keys", []))
-        if bad:
-            raise CheckpointError(f"{vision_weights}: {sorted(map(str, bad))[:12]}")
-        model.vision_tower.vision_tower.load_state_dict(vt.state_dict())
+        vd = model_dir(vision_weights)
+        # a CLIPModel checkpoint: its vision half, named vision_model.* (flat in transformers >= 5)
+        load_checkpoint_files(model.vision_tower.vision_tower, weight_files(vd), source=str(vd),
+                              rename=lambda k: k.removeprefix("vision_model.") if flat else k,
+                              ignore=("text_model.*", "text_projection.*", "visual_projection.*", "logit_scale",
+                                      "*position_ids"), optional=("*position_ids",))
+    elif tower - loaded:
+        missing = sorted(to_checkpoint_name(k, flat) for k in tower - loaded)
+        raise CheckpointError(f"{d}: {len(missing)} missing key(s) of the vision tower: {', '.join(missing[:12])}")
     return model, dir_digest(d)
 
 
@@ -248,10 +222,10 @@ class VQAScoreReward(Reward):
                  tokenizer="google/flan-t5-xxl", t5_config=None, vision_config=None, random_init: bool = False,
                  device="cpu", dtype=torch.float32):
         if random_init:
-            self.model = build_model(t5_config, vision_config)
+            self.model = materialize(build_model(t5_config, vision_config), device, dtype, keep_fp32=keep_fp32(dtype))
             self.model_id = "random"
         else:
-            self.model, self.checkpoint_digest = load_clip_t5(weights, vision_weights, vision_config)
+            self.model, self.checkpoint_digest = load_clip_t5(weights, vision_weights, vision_config, device, dtype)
             self.model_id = weights
         self.model.eval()
         if isinstance(tokenizer, str):
@@ -259,7 +233,6 @@ class VQAScoreReward(Reward):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.device, self.dtype = torch.device(device), dtype
-        self.to(device)
 
     @torch.no_grad()
     def encode_images(self, images):
