@@ -74,10 +74,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import VIEWS, Reward, View
-from .loading import check_state_dict, file_digest
+from .loading import check_state_dict, file_digest, materialize
 
 LORA_TASKS_V3 = ("retrieval.query", "retrieval.passage", "separation", "classification", "text-matching")
 WEIGHTS_FILE = "model.safetensors"
+KEEP_FP32 = ("logit_scale",)  # exp() of a bf16 scale would move scores by ~0.1
 
 
 @dataclass
@@ -505,14 +506,6 @@ def resolve_weights(weights: str) -> Path:
     return Path(snapshot_download(weights, allow_patterns=[WEIGHTS_FILE, "*.json"]))
 
 
-def _empty(model: JinaClipV2, device, dtype) -> JinaClipV2:
-    """Uninitialised storage on `device` in `dtype` for a meta-built model; the logit scale stays fp32
-    (exp() of a bf16 scale would move scores by ~0.1)."""
-    model.to(dtype=dtype)
-    model.logit_scale.data = model.logit_scale.data.float()
-    return model.to_empty(device=device)
-
-
 def load_released(weights: str, cfg: JinaClipV2Config = JinaClipV2Config(), device="cpu",
                   dtype=torch.float32) -> Tuple[JinaClipV2, Path, JinaClipV2Config]:
     """Build on the meta device and fill straight from the safetensors file, tensor by tensor, merging
@@ -533,7 +526,7 @@ def load_released(weights: str, cfg: JinaClipV2Config = JinaClipV2Config(), devi
         task, scaling = cfg.task_index, cfg.lora_alpha / cfg.lora_rank
         with torch.device("meta"):
             model = JinaClipV2(cfg)
-        _empty(model, device, dtype)
+        materialize(model, device, dtype, keep_fp32=KEEP_FP32)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 key = _released_key(name)
@@ -552,7 +545,7 @@ def load_released(weights: str, cfg: JinaClipV2Config = JinaClipV2Config(), devi
 def materialize_random(model: JinaClipV2, device, dtype, seed: int = 0) -> JinaClipV2:
     """Random weights (seeded, independent of the global RNG) for a meta-built model: tensor by tensor."""
     g = torch.Generator().manual_seed(seed)
-    _empty(model, device, dtype)
+    materialize(model, device, dtype, keep_fp32=KEEP_FP32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm = "norm" in name or "_ln." in name
