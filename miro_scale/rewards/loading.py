@@ -204,7 +204,7 @@ def materialize(module: nn.Module, device="cpu", dtype: torch.dtype = torch.floa
     return module
 
 
-class _CheckpointFile:
+class CheckpointFile:
     """One checkpoint file, read lazily. safetensors: the header once, then each tensor through its own
     safe_open, because mapped pages count as resident memory until the mapping is closed; torch
     pickles: memory-mapped as a whole while the file is open."""
@@ -266,7 +266,7 @@ def load_checkpoint_files(module: nn.Module, files: Sequence[str | os.PathLike],
     plan: Dict[str, List[str]] = {}  # canonical module key -> checkpoint keys holding it
     unexpected, bad_shape = [], []
     for f in files:
-        with _CheckpointFile(f) as ck:
+        with CheckpointFile(f) as ck:
             for key, shape in ck.shapes.items():
                 if key in where:
                     raise CheckpointError(f"{source}: {key} is in both {where[key].name} and {f.name}")
@@ -289,13 +289,13 @@ def load_checkpoint_files(module: nn.Module, files: Sequence[str | os.PathLike],
     primary = {keys[0]: c for c, keys in plan.items()}
     with torch.no_grad():
         for f in files:
-            with _CheckpointFile(f) as ck:
+            with CheckpointFile(f) as ck:
                 for key in ck.shapes:
                     if key in primary:
                         state[primary[key]].copy_(ck.tensor(key))
 
     def read(key):
-        with _CheckpointFile(where[key]) as ck:
+        with CheckpointFile(where[key]) as ck:
             return ck.tensor(key)
 
     differ = [f"{k} (differs from {keys[0]})" for keys in plan.values() for k in keys[1:]
