@@ -67,7 +67,8 @@ def main(argv=None):
     p.add_argument("--as-released", action="store_true",
                    help="score as MIRO's release did: --scale release, the short caption for image_reward, "
                         "pickscore, hpsv2 and sciscore and the long one for clip and vqa (sources named "
-                        "short and long), empty captions scored")
+                        "short and long), empty captions scored, VQAScore on JPEG-75 images and captions "
+                        "without code fences and <...> tags")
     p.add_argument("--draft-decode", action="store_true",
                    help="decode big JPEGs at a reduced DCT scale (>= the largest view): faster, slightly different")
     p.add_argument("--retries", type=int, default=1, help="retries of a failed shard within this run")
@@ -92,6 +93,8 @@ def main(argv=None):
         used = list(dict.fromkeys(caption_for.values()))
         caption_sources = used or caption_sources
         scale, empty_captions = "release", "score"
+        if "vqa_score" in rewards:  # JPEG-75 images, captions without code fences and <...> tags
+            reward_kwargs.setdefault("vqa_score", {}).setdefault("as_released", True)
     cfg = ScoreConfig(shards=shards, rewards=rewards, out_dir=a.out, groups=parse_groups(a.groups, rewards),
                       caption_sources=caption_sources, caption_for=caption_for, scale=scale,
                       empty_captions=empty_captions, captions_dir=a.captions, variant=a.variant, reward_kwargs=reward_kwargs,

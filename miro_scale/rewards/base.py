@@ -15,6 +15,7 @@ tensor views, or a list of uint8 HxWx3 numpy arrays for the "pixels" view.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
@@ -37,6 +38,7 @@ class View:
                    (HPSv2's official ResizeMaxSize)
       pad_mean     pad to a square with the mean colour (LLaVA "expand2square"), then resize
       pixels       RGB uint8 numpy array, long side capped at `size` (pixel statistics rewards)
+    jpeg_quality: re-encode the image as a JPEG of this quality first (how MIRO's release fed VQAScore)
     """
 
     name: str
@@ -44,9 +46,14 @@ class View:
     size: int
     mean: tuple = OPENAI_MEAN
     std: tuple = OPENAI_STD
+    jpeg_quality: Optional[int] = None
 
     def one(self, img: Image.Image):
         img = img.convert("RGB")
+        if self.jpeg_quality is not None:
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=self.jpeg_quality)
+            img = Image.open(buf).convert("RGB")
         if self.mode == "pixels":
             w, h = img.size
             s = self.size / max(w, h)

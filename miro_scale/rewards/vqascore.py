@@ -23,13 +23,14 @@ checkpoint can be checked without loading it (check_checkpoint).
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import VIEWS, Reward
+from .base import VIEWS, Reward, View
 from .loading import (CheckpointError, check_state_dict, dir_digest, init_on_meta, load_checkpoint_files,
                       materialize, model_dir, weight_files)
 
@@ -38,6 +39,14 @@ SYSTEM_MSG = ("A chat between a curious user and an artificial intelligence assi
 QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER = "Yes"
 IMAGE_TOKEN = "<image>"
+
+
+def release_caption(caption: str) -> str:
+    """The caption as the release gave it to VQAScore: code fences (with their language tag) and
+    <...> tags removed, whitespace collapsed."""
+    caption = re.sub(r"```[\w+-]*", " ", caption)
+    caption = re.sub(r"<[^<>]*>", " ", caption)
+    return " ".join(caption.split())
 
 
 def prompt_chunks(caption: str) -> Tuple[str, str]:
@@ -220,7 +229,12 @@ class VQAScoreReward(Reward):
     def __init__(self, weights: Optional[str] = "zhiqiulin/clip-flant5-xxl",
                  vision_weights: Optional[str] = "openai/clip-vit-large-patch14-336",
                  tokenizer="google/flan-t5-xxl", t5_config=None, vision_config=None, random_init: bool = False,
-                 device="cpu", dtype=torch.float32):
+                 as_released: bool = False, device="cpu", dtype=torch.float32):
+        """as_released: images re-encoded as JPEG (quality 75) and captions stripped of code fences and
+        <...> tags before scoring, as MIRO's release prepared VQAScore's inputs."""
+        self.as_released = as_released
+        if as_released:
+            self.view = View("clip336_padmean_jpeg75", "pad_mean", 336, jpeg_quality=75)
         if random_init:
             self.model = materialize(build_model(t5_config, vision_config), device, dtype, keep_fp32=keep_fp32(dtype))
             self.model_id = "random"
@@ -247,7 +261,7 @@ class VQAScoreReward(Reward):
         emb = m.get_input_embeddings()
         seqs = []
         for i, cap in enumerate(captions):
-            pre, post = prompt_chunks(cap)
+            pre, post = prompt_chunks(release_caption(cap) if self.as_released else cap)
             a = torch.tensor(self._ids(pre), device=self.device)
             b = torch.tensor(self._ids(post), device=self.device)
             img = features[i].to(emb.weight.dtype)
