@@ -18,6 +18,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 
 from miro_scale.convert import export_bundle  # noqa: E402
+from miro_scale.train.checkpoint import CheckpointError  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +39,7 @@ def main() -> int:
         return 2
     try:
         path = export_bundle(ckpt, args.out, args.weights, DTYPES[args.dtype], args.text_encoder)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({args.weights} weights, {args.dtype})")

@@ -1,14 +1,14 @@
 """Checkpoint conversion: training checkpoints -> a deployable model bundle (miro_scale/bundle.py).
 
-Sources: EMA weights (default) consolidated from every rank's shard, or the raw weights through
-each engine's own consolidation tool (DCP's dcp_to_torch_save, DeepSpeed's zero_to_fp32). The
-bundle also holds the empty-prompt embedding of the config's text encoder (the negative branch of
-guidance), computed here once.
+Every engine writes the same checkpoint (train/checkpoint.py: a DCP directory of named tensors),
+so conversion reads whole tensors from it in one process, whatever engine and world size wrote
+it: the EMA weights (default) or the raw ones, and the model's buffers. The bundle also holds the
+empty-prompt embedding of the config's text encoder (the negative branch of guidance), computed
+here once.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -16,58 +16,26 @@ import numpy as np
 import torch
 
 from miro_scale.config import MiroConfig, config_from_dict
-from miro_scale.train.checkpoint import load_rank_state, read_trainer_state
-from miro_scale.train.engines import ENGINE_DIR
+from miro_scale.train.checkpoint import checkpoint_tensors, load_state, read_trainer_state
 
 
 def checkpoint_config(path: Path) -> MiroConfig:
     return config_from_dict(json.loads((Path(path) / "config.json").read_text()))
 
 
-def _meta_shapes(cfg: MiroConfig) -> Dict[str, torch.Size]:
-    from miro_scale.models.flops import build_meta_model
-
-    return {n: p.shape for n, p in build_meta_model(cfg).named_parameters()}
-
-
-def consolidate_ema(path: str | Path) -> Dict[str, torch.Tensor]:
-    """Full EMA parameters (and the model's buffers) from a checkpoint of any engine and world size."""
+def consolidate(path: str | Path, weights: str = "ema") -> Dict[str, torch.Tensor]:
+    """Whole fp32 weights ("ema" or "raw") and the model's buffers from a checkpoint."""
     path = Path(path)
-    cfg, world = checkpoint_config(path), read_trainer_state(path)["world_size"]
-    states = [load_rank_state(path, r) for r in range(world)]
-    shards = [state["ema"] for state in states]
-    shapes = _meta_shapes(cfg)
-    full = {}
-    for name, shape in shapes.items():
-        parts = [s[name] for s in shards]
-        if cfg.engine.kind == "fsdp":  # dim-0 chunks in rank order
-            tensor = torch.cat(parts, dim=0)
-        elif cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3:  # flat, padded partitions
-            tensor = torch.cat([p.reshape(-1) for p in parts])[: math.prod(shape)]
-        else:  # whole tensors on every rank
-            tensor = parts[0]
-        full[name] = tensor.reshape(shape).float().clone()
-    full.update(states[0]["buffers"])
-    return full
-
-
-def consolidate_raw(path: str | Path) -> Dict[str, torch.Tensor]:
-    """The trained (non-EMA) weights, through each engine's own consolidation."""
-    path = Path(path)
-    cfg = checkpoint_config(path)
-    if cfg.engine.kind == "local":
-        return torch.load(path / f"{ENGINE_DIR}.pt", map_location="cpu", weights_only=False)["model"]
-    if cfg.engine.kind == "fsdp":
-        import tempfile
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path / ENGINE_DIR, Path(tmp) / "full.pt")
-            return torch.load(Path(tmp) / "full.pt", weights_only=False)["model"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_DIR)
+    stored = checkpoint_tensors(path)
+    skeleton = read_trainer_state(path)["state"]
+    wanted = {section: {name: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                        for name in skeleton[section] if (md := stored.get(f"{section}.{name}")) is not None}
+              for section in ("model", "ema")}
+    state = load_state(path, wanted, {s: skeleton[s] for s in wanted})
+    full = dict(state["model"])
+    if weights == "ema":  # parameters from the EMA; buffers (not averaged) from the model
+        full.update(state["ema"])
+    return {name: tensor.float() for name, tensor in full.items()}
 
 
 def empty_prompt_embedding(cfg: MiroConfig) -> np.ndarray:
@@ -97,5 +65,5 @@ def export_bundle(checkpoint: str | Path, out: str | Path, weights: str = "ema",
         raise FileNotFoundError(f"the bundle needs the empty-prompt embedding of text_encoder.name_or_path="
                                 f"{cfg.text_encoder.name_or_path!r}, which cannot be loaded ({str(e).splitlines()[0]}); "
                                 "give its local path with --text-encoder") from None
-    state = consolidate_ema(checkpoint) if weights == "ema" else consolidate_raw(checkpoint)
+    state = consolidate(checkpoint, weights)
     return bundle.save(out, cfg, state, uncond, dtype)

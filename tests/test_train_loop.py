@@ -21,6 +21,22 @@ def test_launcher_trains_logs_and_checkpoints(tmp_path):
     assert [l["step"] for l in lines] == [1, 2, 3] and all(l["loss"] > 0 for l in lines)
     assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000003"
     assert any((tmp_path / "run/tensorboard").iterdir())
+    # One line per log step on stdout, and the run's startup facts.
+    logged = [l for l in proc.stdout.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in logged] == ["1/3", "2/3", "3/3"]
+    for field in ("loss", "lr", "grad norm", "img/s", "MFU", "mem", "data wait"):
+        assert field in logged[-1], logged[-1]
+    facts = json.loads((tmp_path / "run/startup.json").read_text())
+    assert facts["world_size"] == 1 and facts["accumulation"] == 2 and facts["resumed_step"] == 0
+    assert facts["parameters"] > 0 and facts["dataset_samples"] == 64
+    assert all(0 <= l["data_wait"] <= 1 and l["memory_gib"] > 0 for l in lines)
+
+
+def test_the_trainer_does_not_import_evaluation():
+    code = ("import sys; import miro_scale.train.trainer; "
+            "print(sorted(m for m in sys.modules if m.startswith('miro_scale.evaluation')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_launcher_rejects_bad_config_before_training(tmp_path):
@@ -102,10 +118,12 @@ def test_post_training_starts_from_an_exported_baseline(tmp_path):
 
 
 def test_sample_grid_is_written_during_training(tmp_path):
+    from miro_scale.train.callbacks import callbacks_from_config
+
     trainer = Trainer(config_from_dict(tiny_config_dict(
         train={"output_dir": str(tmp_path / "grid"), "steps": 2, "sample_every": 2, "sample_count": 3,
                "eval_rewards": ["contrast_score", "colourfulness_score"]},
-        sampling={"num_steps": 2}, autoencoder={"kind": "identity"})))
+        sampling={"num_steps": 2}, autoencoder={"kind": "identity"})), callbacks=callbacks_from_config)
     trainer.fit()
     from PIL import Image
 

@@ -24,6 +24,7 @@ class EpochBatchStream:
             raise ValueError(f"dataset has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({batch_size} x {world_size} processes)")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_samples = len(dataset)
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0  # position counts this rank's batches within the epoch
         # Whole rounds of `world` chunks only, so every rank serves the same number per epoch.
@@ -54,10 +55,16 @@ class EpochBatchStream:
         return {k: batch[k] for k in ("text_embeddings", "text_mask")}
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Resume; on another world size too, at a step boundary (ranks move in lockstep, so
+        position x world chunks of the epoch are done, whichever rank saved the state)."""
+        done = int(state["position"]) * int(state.get("world_size", self.world_size))
+        if done % self.world_size:
+            raise ValueError(f"data state: {done} chunks done in epoch {state['epoch']} is not a multiple of "
+                             f"world size {self.world_size}; cannot resume exactly")
+        self.epoch, self.position = int(state["epoch"]), done // self.world_size
 
 
 class ShardBatchStream:
@@ -79,6 +86,7 @@ class ShardBatchStream:
         else:
             kwargs.update(num_workers=d.num_workers, latent_std=cfg.flow.sample_posterior)
         self.loader = make_loader(d.loader, d.shards, cfg.train.micro_batch_size, **kwargs)
+        self.num_samples = getattr(self.loader, "num_samples", None)
         self.device = device
         self.autoencoder = None
         self.autoencoder = autoencoder_from_config(cfg, device) if d.mode == "image" else None

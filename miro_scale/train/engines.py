@@ -1,34 +1,44 @@
 """Engine adapters: the only code that knows how the model is distributed.
 
 The trainer calls, per optimizer step: `backward(loss, last_micro_batch)` for each micro-batch,
-then `step()`; `save(dir)` / `load(dir)` are collective. Model, loss and data are the same under
+then `step()`; `state_dict()` / `load_state_dict()` are collective. Model, loss and data are the same under
 all three engines:
 
 - LocalEngine: one process (CPU or one GPU).
-- FSDP2Engine: torch.distributed.fsdp.fully_shard per RIN block and at the root, bf16 parameters
-  with fp32 gradient reduction, gradient sync only on the last micro-batch, DCP checkpoints.
+- FSDP2Engine: torch.distributed.fsdp.fully_shard per unit of models/parallelize.py and at the
+  root, bf16 parameters with fp32 gradient reduction, gradient sync only on the last micro-batch.
 - DeepSpeedEngine: ZeRO stage from the config; DeepSpeed owns gradient reduction, accumulation
-  and clipping, and writes its own sharded checkpoints. Stage 0 keeps fp32 parameters with the
-  client optimizer untouched (exact LAMB; bf16 comes from the trainer's autocast) and skips
-  non-finite steps through the optimizer's .overflow; stages 1-3 (AdamW: ZeRO flattens parameters,
-  which LAMB cannot take) use DeepSpeed's bf16 mode, whose overflow check skips them.
+  and clipping. Stage 0 keeps fp32 parameters with the client optimizer untouched (bf16 comes
+  from the trainer's autocast) and skips non-finite steps through the optimizer's .overflow;
+  stages 1-3 use DeepSpeed's bf16 mode, whose overflow check skips them, and hand the optimizer
+  flat partitions: LAMB under ZeRO 1/2 is optim.ShardedLamb, exact (ZeRO-3: AdamW, see config).
+
+Every engine gives and takes its state (`state_dict` / `load_state_dict`) in one layout, that of
+torch.distributed.checkpoint.state_dict: {"model": {name: tensor}, "optimizer": {"state": {name:
+{...}}, "param_groups": [...]}, "scheduler": {...}}, tensors whole or DTensor shards, so that
+train/checkpoint.py writes one format for all of them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from miro_scale.config import MiroConfig
-from miro_scale.train.optim import build_optimizer, build_scheduler
+from miro_scale.models import parallelize
+from miro_scale.models.parallelize import canonical_name
+from miro_scale.train.optim import ShardedLamb, build_optimizer, build_scheduler
 
-CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
-ENGINE_DIR = "engine"
+
+def copy_loaded(targets: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor]) -> None:
+    """Loaded values into the live tensors (DCP usually loaded into them in place already)."""
+    for name, value in loaded.items():
+        if value is not targets[name]:
+            targets[name].copy_(value)
 
 
 @dataclass
@@ -37,18 +47,18 @@ class StepResult:
     skipped: bool
 
 
-def canonical_name(name: str) -> str:
-    """Parameter name without activation-checkpoint wrapper prefixes (the state-dict name)."""
-    return name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
+def torch_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> Dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    return {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each RIN block in backward (torch's checkpoint wrapper, non-reentrant)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def load_torch_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: Dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    blocks = model.net.rin_blocks
-    for i, block in enumerate(blocks):
-        blocks[i] = checkpoint_wrapper(block)
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
 
 
 class LocalEngine:
@@ -58,7 +68,7 @@ class LocalEngine:
         self.cfg = cfg
         self.accumulation = accumulation
         if cfg.engine.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            parallelize.apply_activation_checkpointing(model)
         self.module = self._wrap(model)
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
@@ -97,15 +107,18 @@ class LocalEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, path: Path) -> None:
-        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, path / f"{ENGINE_DIR}.pt")
+    def state_dict(self) -> Dict:
+        return torch_state_dict(self.module, self.optimizer, self.scheduler)
 
-    def load(self, path: Path) -> None:
-        state = torch.load(path / f"{ENGINE_DIR}.pt", map_location="cpu", weights_only=False)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_state_dict(self, state: Dict) -> None:
+        load_torch_state_dict(self.module, self.optimizer, self.scheduler, state)
+
+    def ema_state(self, shadow: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The EMA as checkpointed: this rank's tensors (whole, or DTensor shards DCP reshards itself)."""
+        return shadow
+
+    def load_ema_state(self, shadow: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> None:
+        copy_loaded(shadow, state)
 
 
 class FSDP2Engine(LocalEngine):
@@ -118,8 +131,8 @@ class FSDP2Engine(LocalEngine):
         policy = MixedPrecisionPolicy(param_dtype=dtypes[self.cfg.engine.fsdp_param_dtype],
                                       reduce_dtype=dtypes[self.cfg.engine.fsdp_reduce_dtype])
         reshard = self.cfg.engine.fsdp_reshard_after_forward
-        for block in model.net.rin_blocks:
-            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+        for unit in parallelize.fsdp_units(model):
+            fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
         return model
 
@@ -128,28 +141,6 @@ class FSDP2Engine(LocalEngine):
         self.module.set_requires_gradient_sync(last_micro_batch)
         super().backward(loss, last_micro_batch)
 
-    def _state(self) -> Dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        return {"model": model_state, "optimizer": optim_state}
-
-    def save(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._state(), checkpoint_id=str(path / ENGINE_DIR))
-        if dist.get_rank() == 0:
-            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
-
-    def load(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(path / ENGINE_DIR))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
 
 class DeepSpeedEngine:
@@ -160,7 +151,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         if cfg.engine.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            parallelize.apply_activation_checkpointing(model)
         zero = cfg.engine.zero_stage
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -170,13 +161,34 @@ class DeepSpeedEngine:
             "zero_optimization": {"stage": zero},
             "bf16": {"enabled": zero >= 1 and cfg.train.precision == "bf16"},
             "steps_per_print": 10 ** 9,
+            # DeepSpeed vouches for its own optimizers only; ShardedLamb's parity with one-process
+            # LAMB is tested in tests/test_distributed.py
+            "zero_allow_untested_optimizer": True,
         }
-        optimizer = build_optimizer(model, cfg.optim, skip_non_finite=zero == 0)
+        optimizer = build_optimizer(model, cfg.optim, skip_non_finite=zero == 0, partitioned=zero >= 1)
+        names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
+        # ZeRO 1-3 hand the optimizer flat partitions: the checkpoint layout and LAMB's trust ratio
+        # need the parameters per group.
+        self._group_params = [list(group["params"]) for group in optimizer.param_groups]
+        self._group_names = [[names[id(p)] for p in group] for group in self._group_params]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.steps))
         self.module = self.engine.module
         self._skipped_before = 0
+        if isinstance(optimizer, ShardedLamb):
+            optimizer.shard(self._partition_slices(), [len(g) for g in self._group_params],
+                            self.optimizer.dp_process_group)
+
+    def _partition_slices(self) -> Dict[int, Tuple[int, List[Tuple[int, int, int]]]]:
+        """ZeRO 1/2: id(this rank's flat partition) -> (parameter group, [(parameter index in the
+        group, start, length)])."""
+        zero = self.optimizer
+        index = {id(p): i for params in self._group_params for i, p in enumerate(params)}
+        return {id(flat): (g, [(index[id(p)], p._hp_mapping.hp_fragment_address.start,
+                                p._hp_mapping.hp_fragment_address.numel)
+                               for p in zero.bit16_groups[g] if p._hp_mapping is not None])
+                for g, flat in enumerate(zero.single_partition_of_fp32_groups)}
 
     @property
     def forward_module(self) -> nn.Module:
@@ -205,14 +217,158 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=ENGINE_DIR, save_latest=False)
+    # ZeRO 1-3: whole fp32 master weights and optimizer moments gathered from the partitions
+    # (collective), and scattered back into them on load; stage 0 holds torch's own optimizer.
+    def _partitioned(self) -> bool:
+        return self.cfg.engine.zero_stage >= 1
 
-    def load(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=ENGINE_DIR)
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / ENGINE_DIR}")
+    def _named_parameters(self) -> Dict[str, nn.Parameter]:
+        return {canonical_name(n): p for n, p in self.module.named_parameters()}
+
+    def _full_optimizer_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        if self.cfg.engine.zero_stage == 3:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            return safe_get_full_optimizer_state(param, key)
+        # ZeRO 1/2: DeepSpeed links moments to parameters after the first group's first step only
+        # (deepspeed 0.19: later groups' moments are never linked), so slice the flat state here.
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        mapping = param._hp_mapping
+        if mapping is not None:
+            flat = self.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+            full.narrow(0, lp.start, lp.numel).copy_(self.optimizer.optimizer.state[flat][key].narrow(0, hp.start, hp.numel))
+        dist.all_reduce(full)
+        return full.view_as(param)
+
+    def _set_full(self, param: nn.Parameter, key: Optional[str], value: torch.Tensor) -> None:
+        """This rank's share of a whole tensor into the fp32 master weights (key None) or a moment."""
+        if self.cfg.engine.zero_stage == 3:
+            # deepspeed 0.19's set_full_hp_param slices past the end when a parameter's partitions
+            # are padded, so the padded slice is cut here.
+            part, _ = self.optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                                    optim_state_key=key)
+            n, rank = part.numel(), self.optimizer._get_param_partition_rank(param)
+            piece = value.reshape(-1)[rank * n:(rank + 1) * n]
+            part.zero_()
+            part[: piece.numel()].copy_(piece)
+            return
+        if key is None:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            return safe_set_full_fp32_param(param, value)
+        mapping = param._hp_mapping
+        if mapping is not None:
+            flat = self.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+            self.optimizer.optimizer.state[flat][key].narrow(0, hp.start, hp.numel).copy_(
+                value.reshape(-1).narrow(0, lp.start, lp.numel))
+
+    @torch.no_grad()
+    def _init_optimizer_state(self) -> None:
+        """Moments exist after the first step; a fresh engine about to load needs them as targets:
+        one step at lr 0 on zero gradients creates them (as torch's state_dict helpers do)."""
+        inner, partitions = self.optimizer.optimizer, self._flat_partitions()
+        flats = [p for group in partitions for p in group]
+        if all(inner.state.get(p) for p in flats):
+            return
+        saved = [(group["lr"], group["params"]) for group in inner.param_groups]
+        for group, params in zip(inner.param_groups, partitions):
+            group["lr"], group["params"] = 0.0, params
+        for p in flats:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for group, (lr, params) in zip(inner.param_groups, saved):
+            group["lr"], group["params"] = lr, params
+        for p in flats:
+            p.grad = None
+
+    def _flat_partitions(self) -> List[List[torch.Tensor]]:
+        """This rank's fp32 flat partitions per parameter group (what the inner optimizer steps)."""
+        zero = self.optimizer
+        if self.cfg.engine.zero_stage < 3:
+            return [[flat] for flat in zero.single_partition_of_fp32_groups]
+        groups = [[] for _ in zero.optimizer.param_groups]
+        for sub_group, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            groups[zero.sub_group_to_group_id[sub_group]].append(flat)
+        return groups
+
+    def state_dict(self) -> Dict:
+        if not self._partitioned():
+            return torch_state_dict(self.module, self.optimizer, self.scheduler)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self._init_optimizer_state()
+        params = self._named_parameters()
+        model = {name: safe_get_full_fp32_param(p).cpu() for name, p in params.items()}
+        model.update({canonical_name(n): b for n, b in self.module.named_buffers()})
+        inner = self.optimizer.optimizer
+        state, groups = {}, []
+        for group, names, flats in zip(inner.param_groups, self._group_names, self._flat_partitions()):
+            flat_state = inner.state[flats[0]]
+            for name in names:
+                state[name] = {key: (self._full_optimizer_state(params[name], key).cpu() if value.dim()
+                                     else value.clone()) for key, value in flat_state.items()}
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
+        return {"model": model, "optimizer": {"state": state, "param_groups": groups},
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if not self._partitioned():
+            load_torch_state_dict(self.module, self.optimizer, self.scheduler, state)
+        else:
+            self._load_partitioned(state)
+        self.scheduler.load_state_dict(state["scheduler"])
         self._skipped_before = self.engine.skipped_steps
+
+    @torch.no_grad()
+    def _load_partitioned(self, state: Dict) -> None:
+        import deepspeed
+        params, optim = self._named_parameters(), state["optimizer"]
+        for name, p in params.items():
+            self._set_full(p, None, state["model"][name].to(p.device))
+            for key, value in optim["state"][name].items():
+                if value.dim():
+                    self._set_full(p, key, value.to(p.device))
+        inner = self.optimizer.optimizer
+        for group, saved, flats in zip(inner.param_groups, optim["param_groups"], self._flat_partitions()):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            first = optim["state"][saved["params"][0]]
+            for flat in flats:  # per-partition scalars (AdamW's step)
+                for key, value in first.items():
+                    if not value.dim():
+                        inner.state[flat][key].copy_(value)
+        # The low-precision module parameters the forward uses, from the restored masters.
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                               enabled=self.cfg.engine.zero_stage == 3):
+            for name, p in params.items():
+                p.copy_(state["model"][name].to(p.device, p.dtype))
+        for name, buffer in self.module.named_buffers():
+            buffer.copy_(state["model"][canonical_name(name)])
+
+    def ema_state(self, shadow: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.cfg.engine.zero_stage < 3:
+            return shadow
+        params = self._named_parameters()  # ZeRO-3: the EMA of flat, padded partitions -> whole tensors
+        world = dist.get_world_size()
+        full = {}
+        for name, part in shadow.items():
+            parts = [torch.empty_like(part) for _ in range(world)]
+            dist.all_gather(parts, part)
+            full[name] = torch.cat(parts)[: params[name].ds_numel].view(params[name].ds_shape)
+        return full
+
+    def load_ema_state(self, shadow: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> None:
+        if self.cfg.engine.zero_stage < 3:
+            return copy_loaded(shadow, state)
+        rank = dist.get_rank()
+        for name, part in shadow.items():
+            flat = state[name].reshape(-1)
+            n = part.numel()
+            chunk = torch.zeros(n, dtype=part.dtype, device=part.device)
+            piece = flat[rank * n:(rank + 1) * n]
+            chunk[: piece.numel()] = piece
+            part.copy_(chunk)
 
 
 ENGINES = {"local": LocalEngine, "fsdp": FSDP2Engine, "deepspeed": DeepSpeedEngine}

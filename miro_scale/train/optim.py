@@ -12,9 +12,10 @@ release's did (Lightning steps its scheduler after the first optimizer step).
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from timm.optim import Lamb
 
@@ -69,10 +70,86 @@ class GuardedAdamW(SkipNonFinite, torch.optim.AdamW):
     pass
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, skip_non_finite: bool = False) -> torch.optim.Optimizer:
+# (index of the parameter in its group, start in the flat partition, length): one parameter's slice
+Segment = Tuple[int, int, int]
+
+
+class ShardedLamb(Lamb):
+    """LAMB on ZeRO's flat fp32 partitions, exactly as on whole parameters.
+
+    DeepSpeed ZeRO 1-3 hand the optimizer one flat partition per group per rank. The Adam part is
+    elementwise and runs on it as it is; the trust ratio ||w|| / ||update|| is per parameter, so
+    each rank sums the squares of its slices of each parameter, the partial sums are all-reduced
+    over the data-parallel group (one all-reduce per group and step), and every slice is scaled by
+    its parameter's ratio (ColossalAI's distributed LAMB does the same for ZeRO-2). `shard()` gives
+    the slices once DeepSpeed has built its partitions. Same hyperparameters as timm's Lamb, whose
+    state layout (group "step", exp_avg, exp_avg_sq) it keeps; the options the recipe leaves off
+    (max_grad_norm, trust_clip, caution, decoupled decay) are refused.
+    """
+
+    def shard(self, partitions: Dict[int, Tuple[int, List[Segment]]], sizes: List[int],
+              group: Optional[dist.ProcessGroup]) -> None:
+        """partitions: id(flat partition) -> (its parameter group, the parameters' slices in it);
+        sizes: parameters per group."""
+        for g in self.param_groups:
+            if g["max_grad_norm"] is not None or g["trust_clip"] or g["caution"] or g.get("decoupled_decay"):
+                raise ValueError("ShardedLamb supports the release's LAMB only (no max_grad_norm, trust_clip, "
+                                 "caution or decoupled decay)")
+        self.partitions, self.sizes, self.group = partitions, sizes, group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            flats = [p for p in group["params"] if p.grad is not None]
+            if not flats:  # ZeRO-3 steps one group at a time, the others empty
+                continue
+            group.setdefault("step", torch.tensor(0.0))
+            group["step"].add_(1)
+            step = group["step"].item()
+            beta1, beta2 = group["betas"]
+            bc1, bc2 = (1 - beta1 ** step, 1 - beta2 ** step) if group["bias_correction"] else (1.0, 1.0)
+            beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
+            wd, adapt = group["weight_decay"], group["weight_decay"] != 0 or group["always_adapt"]
+            updates = []
+            for p in flats:
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if beta3 == 1 - beta1:
+                    m.lerp_(p.grad, beta3)
+                else:
+                    m.mul_(beta1).add_(p.grad, alpha=beta3)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / bc1).div_((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
+                if wd != 0:
+                    update.add_(p, alpha=wd)
+                updates.append(update)
+            if adapt:
+                # ZeRO 1/2 step with param_groups cut to the group being stepped: its flats say which.
+                size = self.sizes[self.partitions[id(flats[0])][0]]
+                sums = torch.zeros(2, size, dtype=torch.float64, device=flats[0].device)
+                for p, update in zip(flats, updates):
+                    for i, start, n in self.partitions[id(p)][1]:
+                        sums[0, i] += p.narrow(0, start, n).double().square().sum()
+                        sums[1, i] += update.narrow(0, start, n).double().square().sum()
+                dist.all_reduce(sums, group=self.group)
+                w_norm, u_norm = sums.sqrt().float()
+                ratio = torch.where(w_norm > 0, torch.where(u_norm > 0, w_norm / u_norm, 1.0), 1.0)
+                for p, update in zip(flats, updates):
+                    for i, start, n in self.partitions[id(p)][1]:
+                        update.narrow(0, start, n).mul_(ratio[i])
+            for p, update in zip(flats, updates):
+                p.add_(update, alpha=-group["lr"])
+        return None
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, skip_non_finite: bool = False,
+                    partitioned: bool = False) -> torch.optim.Optimizer:
+    """partitioned: the optimizer will see DeepSpeed ZeRO's flat partitions (LAMB then needs shard())."""
     groups = parameter_groups(model, cfg.weight_decay)
     if cfg.name == "lamb":
-        cls = GuardedLamb if skip_non_finite else Lamb
+        cls = ShardedLamb if partitioned else GuardedLamb if skip_non_finite else Lamb
         return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None,
                    trust_clip=False, always_adapt=False)
     cls = GuardedAdamW if skip_non_finite else torch.optim.AdamW

@@ -70,10 +70,8 @@ def to_grid(images: torch.Tensor, count: int) -> torch.Tensor:
     return make_grid((images + 1) / 2, nrow=count, padding=1).clamp(0, 1)
 
 
-def save_grid(grid: torch.Tensor, out_dir: Path, step: int, writer=None) -> Path:
+def save_grid(grid: torch.Tensor, out_dir: Path, step: int) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"step_{step:08d}.png"
     save_image(grid, path)
-    if writer is not None:
-        writer.add_image("samples", grid, step)
     return path

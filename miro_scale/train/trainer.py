@@ -1,9 +1,10 @@
 """The training loop: model, loss and data know nothing of how they are distributed.
 
 Each optimizer step: `accumulation` micro-batches through the engine's backward, then the engine's
-step (clip, skip if non-finite, LAMB, schedule), then the EMA. Logs go to JSONL and TensorBoard on
-rank 0; checkpoints are atomic and resumable (model, optimizer, scheduler, EMA, RNG states, data
-position, step), periodic and on SIGTERM/SIGUSR1 (SLURM preemption).
+step (clip, skip if non-finite, LAMB, schedule), then the EMA. Rank 0 reports through
+train/metrics.py (a log line, JSONL, TensorBoard, W&B); preview samples go to callbacks (reward
+curves); checkpoints (train/checkpoint.py) are atomic and resumable (model, optimizer, scheduler,
+EMA, RNG states, data position, step), periodic and on SIGTERM/SIGUSR1 (SLURM preemption).
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from miro_scale.config import ConfigError, MiroConfig, config_to_dict
 from miro_scale.flow import MiroFlowModel, flow_matching_loss
@@ -25,9 +25,12 @@ from miro_scale.train import checkpoint
 from miro_scale.train.data import build_batch_stream
 from miro_scale.models.flops import training_flops_per_sample
 from miro_scale.train import previews
-from miro_scale.train.engines import build_engine, canonical_name
+from miro_scale.models import parallelize
+from miro_scale.train.engines import build_engine
+from miro_scale.train.metrics import Metrics, memory_gib
 from miro_scale.train.optim import EMA
-from miro_scale.evaluation.rewards import RewardEvaluator, plot_reward_curves
+from miro_scale.train.ownership import RunOwner
+from miro_scale.train.preflight import preflight
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -69,9 +72,6 @@ def text_tokens(cfg: MiroConfig) -> int:
     return cfg.data.max_text_len if cfg.data.precomputed_text else cfg.text_encoder.max_length
 
 
-REWARD_MODULES = ("net.coherence_embedder.", "net.coherence_positional_embedding")
-
-
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Initial weights from a model bundle (a directory or hub id: an export of ours or the released
     weights). Post-training starts a reward-conditioned model from a baseline: only the reward
@@ -83,7 +83,7 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     unexpected = sorted(k for k in state if k not in own)
     wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
                    if k in own and state[k].shape != own[k].shape)
-    missing = sorted(k for k in own if k not in state and not k.startswith(REWARD_MODULES))
+    missing = sorted(k for k in own if k not in state and not parallelize.is_reward_only(k))
     if missing or unexpected or wrong:
         raise ConfigError(f"train.init_from {path}: does not fit model.*: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
@@ -91,11 +91,17 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: MiroConfig, resume: bool = True):
+    def __init__(self, cfg: MiroConfig, resume: bool = True, callbacks: Optional[Callable] = None):
+        """callbacks(cfg, rank, device) -> objects with on_samples(step, images, prompts, metrics),
+        given each preview grid (train/callbacks.py: callbacks_from_config)."""
         self.cfg = cfg
         # Every config check runs before a process group starts.
         self.accumulation = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        preflight(cfg, resume)
+        # Rank 0 claims the output directory for this run (the other ranks write only where it says).
+        self.owner = RunOwner(cfg.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         self.rank, self.world, self.device = init_distributed(cfg)
+        self.callbacks = callbacks(cfg, self.rank, self.device) if callbacks is not None else []
         # Where small collectives (loss mean, stop flag) live: NCCL needs CUDA tensors, gloo CPU ones.
         self.comm_device = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
         self.out_dir = Path(cfg.train.output_dir)
@@ -105,6 +111,7 @@ class Trainer:
         if cfg.train.init_from:
             load_weights(model, cfg.train.init_from)
         model = model.to(self.device)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
         self.flops_per_sample = training_flops_per_sample(cfg, text_tokens(cfg))
         self.engine = build_engine(model, cfg, self.accumulation)
         self.ema = EMA(self.engine.local_parameters(), cfg.optim.ema_decay, cfg.optim.ema_start_step)
@@ -113,36 +120,44 @@ class Trainer:
         if cfg.train.sample_every:
             self.preview_prompts = self.data.preview_prompts(cfg.train.sample_count)
             self.decode = previews.build_decoder(cfg, self.device)
-        self.reward_eval = (RewardEvaluator(cfg.train.eval_rewards, cfg.train.eval_reward_variant, self.device)
-                            if cfg.train.eval_rewards and self.rank == 0 else None)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
         # Noise, gamma and self-conditioning draws are seeded per data chunk (see train_step).
         self.generator = torch.Generator(self.device)
         self.step = 0
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
+        self.data_wait = 0.0  # seconds spent waiting for batches, since the last log step
         self._stop_signal: Optional[int] = None
         forward = self.engine.forward_module
         self.forward_model = torch.compile(forward) if cfg.train.compile else forward
         if resume and (path := checkpoint.latest_checkpoint(self.ckpt_dir)) is not None:
             self.load(path)
 
+    def release(self) -> None:
+        """Give up the output directory (also after a failure: no collective here)."""
+        if self.owner is not None:
+            self.owner.release()
+
+    def close(self) -> None:
+        """End of a finished run: release, and leave the process group together (a rank exiting
+        while gloo still talks to it can abort another at teardown)."""
+        self.release()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     # -- state -----------------------------------------------------------------------------
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    def _rank_state(self) -> Dict:
-        # Buffers (the fixed Fourier features) are whole on every rank; rank 0 keeps a copy so the
-        # EMA can be exported as a complete model.
-        buffers = {canonical_name(n): b.cpu() for n, b in self.engine.module.named_buffers()} if self.rank == 0 else {}
-        return {
-            "buffers": buffers,
-            "ema": {n: t.to_local() if hasattr(t, "to_local") else t for n, t in self.ema.state_dict().items()},
-            "data": self.data.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-        }
+    def _state(self) -> Dict:
+        """What the checkpoint holds as tensors (with their non-tensor companions)."""
+        return {**self.engine.state_dict(), "ema": self.engine.ema_state(self.ema.state_dict())}
+
+    def _rng_state(self) -> Dict[str, Optional[torch.Tensor]]:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def save(self) -> Path:
         root = self.ckpt_dir
@@ -150,27 +165,31 @@ class Trainer:
             checkpoint.prepare_staging(root, self.step)
         self._barrier()
         staging = checkpoint.staging_dir(root, self.step)
-        self.engine.save(staging)
-        torch.save(self._rank_state(), checkpoint.rank_file(staging, self.rank))
+        skeleton = checkpoint.save_state(self._state(), staging)
+        checkpoint.write_rank_state(staging, self.rank, self.data.state_dict(), self._rng_state())
         self._barrier()
         if self.rank == 0:
             checkpoint.commit(root, self.step, {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
-                                                "world_size": self.world},
+                                                "world_size": self.world, "state": skeleton},
                               config_to_dict(self.cfg), self.cfg.train.keep_checkpoints)
         self._barrier()
         return root / f"step_{self.step:08d}"
 
     def load(self, path: Path) -> None:
         trainer_state = checkpoint.read_trainer_state(path)
-        self.engine.load(path)
-        state = checkpoint.load_rank_state(path, self.rank)
-        for name, shard in state["ema"].items():
-            target = self.ema.shadow[name]
-            (target.to_local() if hasattr(target, "to_local") else target).copy_(shard)
-        self.data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        state = checkpoint.load_state(path, self._state(), trainer_state["state"])
+        self.engine.load_state_dict(state)
+        self.engine.load_ema_state(self.ema.shadow, state["ema"])
+        # Data positions are global at step boundaries (ranks move in lockstep), so on another world
+        # size every rank takes rank 0's and the stream converts it; per-rank RNG streams only resume
+        # on the same world size, else they start afresh (training draws are seeded per data chunk).
+        same_world = trainer_state["world_size"] == self.world
+        data, rng = checkpoint.read_rank_state(path, self.rank if same_world else 0)
+        self.data.load_state_dict(data)
+        if same_world:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = trainer_state["step"]
         self.nonfinite_steps = trainer_state["nonfinite_steps"]
 
@@ -181,7 +200,9 @@ class Trainer:
         self.forward_model.train()
         total_loss, raw_loss = 0.0, 0.0
         for micro in range(self.accumulation):
+            waited = time.perf_counter()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
+            self.data_wait += time.perf_counter() - waited
             # Randomness tied to the data chunk (rank r serves chunks r, r + world, ...): the same
             # run gives the same draws on any number of ranks, and resuming needs no generator state.
             chunk = (self.step * self.accumulation + micro) * self.world + self.rank
@@ -211,17 +232,21 @@ class Trainer:
         return {"loss": total_loss, "raw_loss": raw_loss, "grad_norm": result.grad_norm,
                 "lr": self.engine.lr(), "skipped": float(result.skipped)}
 
-    def throughput_metrics(self, images_per_s: float) -> Dict[str, float]:
+    def throughput_metrics(self, steps: int, elapsed: float) -> Dict[str, float]:
+        images_per_s = self.cfg.train.global_batch_size * steps / max(elapsed, 1e-9)
         tflops = self.flops_per_sample * images_per_s / self.world / 1e12
-        metrics = {"images_per_s": images_per_s, "tflops_per_device": tflops,
-                   "mfu": tflops / self.cfg.train.peak_tflops}
-        if self.device.type == "cuda":
-            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        return metrics
+        return {"images_per_s": images_per_s, "tflops_per_device": tflops, "mfu": tflops / self.cfg.train.peak_tflops,
+                "memory_gib": memory_gib(self.device), "data_wait": self.data_wait / max(elapsed, 1e-9)}
 
-    def write_samples(self, writer) -> None:
-        """Every rank samples (sharded engines need all of them); rank 0 writes the grid and
-        scores it with the evaluation rewards."""
+    def startup_facts(self) -> Dict:
+        return {"world_size": self.world, "engine": self.cfg.engine.kind, "accumulation": self.accumulation,
+                "global_batch": self.cfg.train.global_batch_size, "parameters": self.num_parameters,
+                "resumed_step": self.step, "steps": self.cfg.train.steps,
+                "dataset_samples": getattr(self.data, "num_samples", None), "device": str(self.device)}
+
+    def write_samples(self, metrics: Metrics) -> None:
+        """Every rank samples (sharded engines need all of them); rank 0 writes the grid and hands
+        the images to the callbacks."""
         model = self.engine.forward_module
         model.eval()
         with previews.ema_weights(self.engine.local_parameters(), self.ema):
@@ -229,18 +254,11 @@ class Trainer:
         if self.rank != 0:
             return
         count = self.preview_prompts["text_mask"].shape[0]
-        previews.save_grid(previews.to_grid(images, count), self.out_dir / "samples", self.step, writer)
-        if self.reward_eval is not None and len(images) == 2 * count:
-            captions = self.preview_prompts.get("captions")
-            record = {"step": self.step, "high": self.reward_eval(images[:count], captions),
-                      "low": self.reward_eval(images[count:], captions)}
-            for row in ("high", "low"):
-                for key, value in record[row].items():
-                    writer.add_scalar(f"eval/{key}/{row}", value, self.step)
-            log_path = self.out_dir / "reward_eval.jsonl"
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            plot_reward_curves(log_path, self.out_dir / "reward_curves.png")
+        grid = previews.to_grid(images, count)
+        previews.save_grid(grid, self.out_dir / "samples", self.step)
+        metrics.image("samples", self.step, grid)
+        for callback in self.callbacks:
+            callback.on_samples(self.step, images, self.preview_prompts, metrics)
 
     # -- the loop -----------------------------------------------------------------------------
     def _request_stop(self, signum, _frame) -> None:
@@ -256,50 +274,35 @@ class Trainer:
     def fit(self, max_steps: Optional[int] = None) -> Dict[str, float]:
         """Train until train.steps (or max_steps more steps); returns the last logged metrics."""
         end = self.cfg.train.steps if max_steps is None else min(self.cfg.train.steps, self.step + max_steps)
-        is_main = self.rank == 0
-        writer = log = None
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics.for_rank(self.cfg, self.rank, self.step)
+        if self.rank == 0:
             (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
-            writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step)
-            log = open(self.out_dir / "metrics.jsonl", "a")
+            metrics.startup(self.out_dir, self.startup_facts())
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
         last: Dict[str, float] = {}
-        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
         try:
-            tick, ticked_at = time.perf_counter(), self.step
+            tick, ticked_at, self.data_wait = time.perf_counter(), self.step, 0.0
             while self.step < end:
-                metrics = self.train_step()
-                bar.update(1)
+                values = self.train_step()
                 if self.step % self.cfg.train.log_every == 0 or self.step == end:
-                    elapsed = time.perf_counter() - tick
-                    metrics.update(self.throughput_metrics(
-                        self.cfg.train.global_batch_size * (self.step - ticked_at) / max(elapsed, 1e-9)))
-                    metrics["nonfinite_steps"] = self.nonfinite_steps
-                    tick, ticked_at = time.perf_counter(), self.step
-                    if is_main:
-                        log.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                        log.flush()
-                        for key, value in metrics.items():
-                            writer.add_scalar(f"train/{key}", value, self.step)
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                    last = metrics
+                    values.update(self.throughput_metrics(self.step - ticked_at, time.perf_counter() - tick))
+                    values["nonfinite_steps"] = self.nonfinite_steps
+                    metrics.log(self.step, values, end=end)
+                    tick, ticked_at, self.data_wait = time.perf_counter(), self.step, 0.0
+                    last = values
                 if self.cfg.train.sample_every and self.step % self.cfg.train.sample_every == 0:
-                    self.write_samples(writer)
+                    self.write_samples(metrics)
                 periodic = self.step % self.cfg.train.checkpoint_every == 0 or self.step == end
                 if periodic:
                     self.save()
                 if self._stop_requested():
                     if not periodic:
                         self.save()
+                    metrics.print(f"stopped by signal {self._stop_signal or 'on another rank'} at step {self.step}, "
+                                  f"checkpoint written")
                     break
         finally:
-            bar.close()
-            if is_main:
-                writer.close()
-                log.close()
+            metrics.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return last

@@ -1,0 +1,105 @@
+"""One owner per run: an owner file in the output directory, and ranks that die with their launcher.
+
+Two jobs writing one output directory corrupt each other's checkpoints (one prunes what the
+other's `latest` names). Rank 0 creates output_dir/owner.json exclusively (host, pid, the pid's
+start time, when); a second writer is refused with the owner's details. A file left by a dead
+process on this host (pid gone, or reused by another process) is stale and taken over; one from
+another host cannot be checked from here and is only removed by hand.
+
+torchrun and the deepspeed launcher start each rank in its own session, so a launcher killed with
+SIGKILL leaves its ranks running on. Each rank asks the kernel for SIGKILL when its parent (the
+launcher) dies: no step and no checkpoint after the launcher is gone.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+OWNER_FILE = "owner.json"
+PR_SET_PDEATHSIG = 1
+
+
+class RunOwnedError(RuntimeError):
+    pass
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in parentheses may hold spaces
+
+
+def _alive(owner: dict) -> bool:
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return owner.get("pid_start") is None or _start_time(int(owner["pid"])) == owner["pid_start"]
+
+
+class RunOwner:
+    """Rank 0's claim on an output directory; `release()` when training ends."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / OWNER_FILE
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            owner = self._read()
+            if owner is None:  # the other writer is between create and write, or removed it
+                time.sleep(0.1)
+                continue
+            if (owner.get("host"), owner.get("pid")) == (self.me["host"], self.me["pid"]):
+                return  # this process already owns it (a second Trainer in one process)
+            if owner.get("host") != self.me["host"] or _alive(owner):
+                where = "" if owner.get("host") == self.me["host"] else " (another host: cannot check it from here)"
+                raise RunOwnedError(
+                    f"{self.path.parent} (train.output_dir) is in use by pid {owner.get('pid')} on host "
+                    f"{owner.get('host')}{where}, started {owner.get('started')}; two runs writing one directory "
+                    f"destroy each other's checkpoints. Stop that run or choose another train.output_dir "
+                    f"(if that process is gone, delete {self.path})")
+            self.path.unlink(missing_ok=True)  # stale: its process is dead
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me, f)
+        return True
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def release(self) -> None:
+        owner = self._read()
+        if owner is not None and (owner.get("host"), owner.get("pid")) == (self.me["host"], self.me["pid"]):
+            self.path.unlink(missing_ok=True)
+
+
+def die_with_launcher() -> None:
+    """Linux: SIGKILL this process when its parent (torchrun, the deepspeed launcher) dies."""
+    if not hasattr(os, "getppid") or not Path("/proc/self").exists():
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
