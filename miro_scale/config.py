@@ -102,6 +102,8 @@ class FlowConfig:
     learned_loss_weighting: bool = True  # EDM2 loss / exp(u(gamma)) + u(gamma)
     loss_weighting_channels: int = 128
     self_cond_rate: float = 0.9
+    # what the network predicts: "velocity" (as released) or "sample" (x0; see miro_scale.flow)
+    prediction: Literal["velocity", "sample"] = "velocity"
 
     def validate(self, prefix: str) -> None:
         _require(self.sigma_data > 0, prefix, "sigma_data", "must be > 0")
@@ -123,11 +125,15 @@ class SamplingConfig:
     negative_reward_targets: Dict[str, float] = field(default_factory=dict)
     empty_prompt_negative: bool = True
     max_text_len: int = 77
+    # < 1: stop the flow at this signal level and return the model's clean estimate there (see
+    # miro_scale.sampling.sample); 1 integrates to the data, as released
+    final_gamma: float = 1.0
 
     def validate(self, prefix: str) -> None:
         _require(self.num_steps >= 1, prefix, "num_steps", "must be >= 1")
         _require(self.guidance_scale >= 0, prefix, "guidance_scale", "must be >= 0")
         _require(self.max_text_len >= 1, prefix, "max_text_len", "must be >= 1")
+        _require(0.0 < self.final_gamma <= 1.0, prefix, "final_gamma", "must be in (0, 1]")
         for name in ("reward_targets", "negative_reward_targets"):
             for key, value in getattr(self, name).items():
                 _require(0.0 <= value <= 1.0, prefix, f"{name}.{key}", f"{value} is not in [0, 1]")
@@ -221,6 +227,7 @@ class TrainConfig:
     output_dir: str = "runs/miro"
     init_from: str = ""  # post-training: start from this checkpoint's EMA weights, fresh optimizer
     peak_tflops: float = 989.0  # per device, dense bf16 (H100 SXM), the MFU denominator
+    wandb_project: str = ""  # also log to this Weights & Biases project ("": off)
     sample_every: int = 0  # steps between sample grids (0: never)
     sample_count: int = 8  # prompts in a grid; each at s+ = 1 (guided) and s+ = 0
     eval_rewards: List[str] = field(default_factory=list)  # reward models scoring each grid's images
@@ -304,11 +311,11 @@ class MiroConfig:
             _require(self.data.resolution == self.model.latent_size * downsample, "data.", "resolution",
                      f"{self.data.resolution} px through the {self.autoencoder.kind} autoencoder does not give "
                      f"model.latent_size {self.model.latent_size}")
-        if self.engine.kind == "deepspeed" and self.engine.zero_stage >= 1 and self.optim.name == "lamb":
-            raise ConfigError(
-                f"optim.name: LAMB's layer-wise trust ratio needs whole parameters, but DeepSpeed ZeRO stage "
-                f"{self.engine.zero_stage} hands the optimizer flattened partitions; use engine.zero_stage=0 "
-                f"(data parallel, exact LAMB), engine.kind=fsdp (sharded, exact LAMB) or optim.name=adamw")
+        if self.engine.kind == "deepspeed" and self.engine.zero_stage == 3 and self.optim.name == "lamb":
+            # ShardedLamb's ZeRO-3 slices (from DeepSpeed's grad positions) gave wrong first updates in
+            # some 2-process runs; until that is understood, ZeRO 1/2 carry exact LAMB.
+            raise ConfigError("optim.name: LAMB under DeepSpeed ZeRO-3 is not verified; use engine.zero_stage=1 or 2 "
+                              "(exact LAMB on partitions), engine.kind=fsdp, or optim.name=adamw")
         for name in ("reward_targets", "negative_reward_targets"):
             for key in getattr(self.sampling, name):
                 if key not in self.model.reward_keys:

@@ -2,6 +2,12 @@
 
 gamma is the signal level (gamma = 1 - t): x_t = gamma * x0 + (1 - gamma) * noise, the network
 predicts v = noise - x0, and sampling integrates dx/dgamma = -v from gamma = 0 (noise) to 1.
+
+``flow.prediction = "sample"`` (not in the release) has the network predict the clean sample x0
+instead, and the velocity follows as v = (x_t - x0) / (1 - gamma): the identity part of v, which
+a velocity network must learn pixel by pixel, is then exact by construction. Small pixel-space models
+(the synthetic world through the identity autoencoder) learn to denoise far sooner this way; the
+loss stays the velocity loss.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from miro_scale.config import FlowConfig, ModelConfig
 from miro_scale.models.textrin import FourierFeatures, TextRIN
 
 MIN_GAMMA = 1e-9  # the released scheduler clamps gamma here
+MIN_NOISE = 0.05  # sample prediction: 1 - gamma is clamped here when dividing by it
 
 
 class FlowOutput(NamedTuple):
@@ -33,6 +40,7 @@ class MiroFlowModel(nn.Module):
         super().__init__()
         self.net = TextRIN(model_cfg)
         self.sigma_data = flow_cfg.sigma_data
+        self.prediction = flow_cfg.prediction
         self.logvar_proj = None
         if flow_cfg.learned_loss_weighting:
             channels = flow_cfg.loss_weighting_channels
@@ -48,11 +56,16 @@ class MiroFlowModel(nn.Module):
         g = gamma.float().reshape(-1, *([1] * (y.ndim - 1)))
         c_in = torch.rsqrt((g * self.sigma_data) ** 2 + (1 - g) ** 2)
         c_out = math.sqrt(1 + self.sigma_data ** 2)
-        v, latents = self.net((y * c_in).to(y.dtype), gamma, text, text_mask, rewards, previous_latents)
+        out, latents = self.net((y * c_in).to(y.dtype), gamma, text, text_mask, rewards, previous_latents)
+        if self.prediction == "sample":  # x0 = sigma_data * out; v = (y - x0) / (1 - gamma)
+            v = (y.float() - self.sigma_data * out.float()) / (1 - g).clamp_min(MIN_NOISE)
+            v = v.to(out.dtype)
+        else:
+            v = out * c_out
         log_weight = None
         if self.logvar_proj is not None:
             log_weight = self.logvar_proj(gamma.float()).reshape(-1)
-        return FlowOutput(v * c_out, latents, log_weight)
+        return FlowOutput(v, latents, log_weight)
 
 
 def normalize_latents(z: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:

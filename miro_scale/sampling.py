@@ -40,11 +40,15 @@ def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> Tuple[torch
     return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
-def gamma_grid(num_steps: int, device=None) -> torch.Tensor:
-    """Signal levels from noise (MIN_GAMMA) to data (1), linear in t = 1 - gamma, in the release's
-    float32 arithmetic (gamma = 1 - (1 - i / N)), so a sampler run matches it to the last bit."""
+def gamma_grid(num_steps: int, device=None, final_gamma: float = 1.0) -> torch.Tensor:
+    """Signal levels from noise (MIN_GAMMA) to ``final_gamma`` (1: data), linear in t = 1 - gamma, in
+    the release's float32 arithmetic (gamma = 1 - (1 - i / N)), so a sampler run to 1 matches it to
+    the last bit."""
     t = 1.0 - torch.arange(num_steps + 1, dtype=torch.float32, device=device) / num_steps
-    return (1.0 - t).clamp_min(MIN_GAMMA)
+    gamma = 1.0 - t
+    if final_gamma != 1.0:
+        gamma = gamma * final_gamma
+    return gamma.clamp_min(MIN_GAMMA)
 
 
 @torch.no_grad()
@@ -52,8 +56,12 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
            rewards: Optional[torch.Tensor] = None, *, num_steps: int = 50, solver: str = "euler",
            guidance_scale: float = 0.0, negative_rewards: Optional[torch.Tensor] = None,
            negative_text: Optional[torch.Tensor] = None, negative_text_mask: Optional[torch.Tensor] = None,
-           autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+           autocast_dtype: Optional[torch.dtype] = None, final_gamma: float = 1.0) -> torch.Tensor:
     """Integrate from gamma=0 (noise) to 1 (data); returns normalised latents.
+
+    ``final_gamma`` < 1 stops the integration at that signal level and returns the model's estimate
+    of the clean sample there, x - (1 - gamma) v (one more evaluation): the posterior mean rather
+    than a sample, smooth where an undertrained model cannot yet remove the last of the noise.
 
     model: a MiroFlowModel. rewards / negative_rewards: [B, N] (or [N], broadcast). Guidance runs
     when negative rewards or a negative text is given; with neither, the positive branch alone.
@@ -100,8 +108,10 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
             return v_pos * (1 + guidance_scale) - v_neg * guidance_scale  # = v+ + w (v+ - v-), as released
         return v
 
+    if not 0.0 < final_gamma <= 1.0:
+        raise ValueError(f"final_gamma must be in (0, 1], got {final_gamma}")
     x = noise.float()
-    gammas = gamma_grid(num_steps, noise.device)
+    gammas = gamma_grid(num_steps, noise.device, final_gamma)
     for gamma_now, gamma_next in zip(gammas[:-1], gammas[1:]):
         step = gamma_next - gamma_now
         v = velocity(x, gamma_now)
@@ -109,6 +119,8 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
             x_euler = x - v * step
             v = 0.5 * (v + velocity(x_euler, gamma_next))
         x = x - v * step
+    if final_gamma < 1.0:
+        x = x - (1.0 - gammas[-1]) * velocity(x, gammas[-1])
     return x
 
 
@@ -148,6 +160,20 @@ class MiroPipeline:
         pipe = cls(cfg, model, torch.from_numpy(uncond), text_encoder, autoencoder)
         return pipe.to(device, torch_dtype)
 
+    @classmethod
+    def from_checkpoint(cls, path, *, weights: str = "ema", device=None, torch_dtype: Optional[torch.dtype] = None,
+                        text_encoder=None, autoencoder=None) -> "MiroPipeline":
+        """A training checkpoint (a step_* directory of any engine) as a pipeline, without writing a
+        bundle: the weights checkpoints_tools/export.py would export (``weights``: "ema" or "raw")."""
+        from miro_scale.convert import checkpoint_config, consolidate, empty_prompt_embedding
+        from miro_scale.flow import MiroFlowModel
+
+        cfg = checkpoint_config(path)
+        model = MiroFlowModel(cfg.model, cfg.flow)
+        model.load_state_dict(consolidate(path, weights))
+        pipe = cls(cfg, model, torch.from_numpy(empty_prompt_embedding(cfg)), text_encoder, autoencoder)
+        return pipe.to(device, torch_dtype)
+
     def save_pretrained(self, directory, dtype: Optional[torch.dtype] = None):
         from miro_scale import bundle
 
@@ -185,7 +211,7 @@ class MiroPipeline:
                  negative_reward_targets: Optional[Mapping[str, float]] = None,
                  latents: Optional[torch.Tensor] = None, prompt_embeds: Optional[torch.Tensor] = None,
                  prompt_attention_mask: Optional[torch.Tensor] = None, solver: Optional[str] = None,
-                 output_type: str = "pil"):
+                 final_gamma: Optional[float] = None, output_type: str = "pil"):
         """``prompt``: a string or a list (or ``prompt_embeds`` [B, L, D] + ``prompt_attention_mask``).
         Reward targets per key in [0, 1], passed as given: s+ defaults to 1, s- to 0. ``latents``: the
         starting noise [B * num_images_per_prompt, C, h, w] (else drawn with ``generator``).
@@ -224,7 +250,8 @@ class MiroPipeline:
                    guidance_scale=w if guided else 0.0,
                    negative_rewards=reward_vector(keys, negative, 0.0) if keys and guided else None,
                    negative_text=negative_text, negative_text_mask=negative_mask,
-                   autocast_dtype=self.dtype if self.dtype != torch.float32 else None)
+                   autocast_dtype=self.dtype if self.dtype != torch.float32 else None,
+                   final_gamma=s.final_gamma if final_gamma is None else final_gamma)
         if output_type == "latent":
             return x
         images = (self.autoencoder.decode(denormalize_latents(x, self.cfg.flow)).float() * 0.5 + 0.5).clamp(0, 1)

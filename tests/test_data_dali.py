@@ -22,7 +22,7 @@ from miro_scale.data.dali_loader import DaliLoader, dali_available
 from miro_scale.data.decode import probe_image
 from miro_scale.data.format import SampleError
 from miro_scale.data.loader import WebDatasetLoader
-from miro_scale.data.synthetic_world import generate
+from miro_scale.synthetic.world import generate
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miro_scale.data import synthetic_world as sw
+from miro_scale.synthetic import world as sw
 from miro_scale.data.tario import iter_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +129,7 @@ def test_json_is_img2dataset_like(samples):
 
 def test_cli(tmp_path):
     out = tmp_path / "w"
-    r = subprocess.run([sys.executable, "-m", "miro_scale.data.synthetic_world", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "miro_scale.synthetic.world", "--out", str(out),
                         "--num-samples", "20", "--shard-size", "8", "--resolution", "32", "--seed", "0",
                         "--workers", "1"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from miro_scale.rewards.registry import build_reward
-from miro_scale.rewards.synthetic import (COLOURS, alignment_score, colourfulness, contrast, detect_objects,
+from miro_scale.synthetic.rewards import (COLOURS, alignment_score, colourfulness, contrast, detect_objects,
                                           parse_caption, sharpness)
 
 SHAPES = ["circle", "square", "rectangle", "ellipse", "triangle", "pentagon", "hexagon", "star", "diamond"]
@@ -128,7 +128,7 @@ def test_detector_is_robust_to_noise_blur_and_low_contrast():
 
 
 def test_alignment_separates_true_and_false_captions_in_the_synthetic_world():
-    sw = pytest.importorskip("miro_scale.data.synthetic_world")
+    sw = pytest.importorskip("miro_scale.synthetic.world")
     true, false = [], []
     for i in range(120):
         key, s = sw.make_sample(i, seed=11, resolution=64, mismatch_rate=0.4, degrade_rate=0.0)

@@ -126,7 +126,7 @@ def test_rerun_skips_finished_shards(shards, tmp_path):
 
 
 def test_a_failing_reward_marks_rows_not_the_run(shards, tmp_path, monkeypatch):
-    from miro_scale.rewards.synthetic import SharpnessReward
+    from miro_scale.synthetic.rewards import SharpnessReward
 
     def flaky(self, images, captions=None):
         if any(im.shape[0] == 30 for im in images):  # the 40x30 PNG of the broken samples
@@ -162,10 +162,12 @@ def test_an_unreadable_shard_is_reported_and_retried(shards, tmp_path):
     assert not (tmp_path / "o" / "00001.score.error.json").exists()
 
 
-def test_bf16_weights(shards, tmp_path):
+def test_bf16_precision(shards, tmp_path):
     keys = ["aesthetic_score", "hpsv2_score", "pick_a_score_score", "image_reward_score", "vqa_score"]
     a = run_scoring(_cfg(shards[:1], tmp_path / "fp32", rewards=keys))
-    b = run_scoring(_cfg(shards[:1], tmp_path / "bf16", rewards=keys, weights_dtype="bf16"))
+    b = run_scoring(_cfg(shards[:1], tmp_path / "bf16", rewards=keys, precision="bf16"))
+    meta = json.loads(pq.read_schema(tmp_path / "bf16" / "00000.scores.parquet").metadata[b"miro_scoring"])
+    assert meta["precision"] == dict.fromkeys(keys, "bf16")
     assert a["counts"]["ok"] == b["counts"]["ok"] == 8
     ta, tb = read_scores(str(tmp_path / "fp32")), read_scores(str(tmp_path / "bf16"))
     for k in keys:
@@ -174,3 +176,62 @@ def test_bf16_weights(shards, tmp_path):
         ok = np.isfinite(x)
         assert ok.sum() >= 8 and np.isfinite(y[ok]).all()
         assert np.allclose(x[ok], y[ok], rtol=0.1, atol=0.05 * (np.abs(x[ok]).max() + 1e-6)), k
+
+
+def test_release_scale_caption_routing_and_empty_captions(shards, tmp_path):
+    keys = ["aesthetic_score", "hpsv2_score", "image_reward_score", "pick_a_score_score"]
+    raw = run_scoring(_cfg(shards[:1], tmp_path / "raw", rewards=keys, caption_sources=["txt", "short"]))
+    rel = run_scoring(_cfg(shards[:1], tmp_path / "rel", rewards=keys, caption_sources=["short"],
+                           caption_for={"image_reward": "short", "hpsv2": "txt", "pickscore": "short"},
+                           scale="release", empty_captions="score"))
+    assert raw["shards_done"] == rel["shards_done"] == 1
+    t = pq.read_table(tmp_path / "raw" / "00000.scores.parquet")
+    r = pq.read_table(tmp_path / "rel" / "00000.scores.parquet")
+    assert r.column_names == ["key", "status", "error"] + keys  # one column per reward: no @source
+    assert r.column("key").to_pylist() == t.column("key").to_pylist()
+    col = lambda tab, c: np.array(tab.column(c).to_pylist(), dtype=float)  # noqa: E731
+    ok = np.isfinite(col(t, "image_reward_score@short"))
+    assert ok.sum() >= 8
+    np.testing.assert_allclose(col(r, "aesthetic_score"), col(t, "aesthetic_score") / 10, rtol=1e-6)
+    np.testing.assert_allclose(col(r, "image_reward_score")[ok], (col(t, "image_reward_score@short")[ok] + 2) / 4,
+                               rtol=1e-6)
+    np.testing.assert_allclose(col(r, "pick_a_score_score")[ok], col(t, "pick_a_score_score@short")[ok] / 100,
+                               rtol=1e-6)
+    # hpsv2 on txt, raw units; the whitespace-only txt is scored, not a failure
+    keys_ = t.column("key").to_pylist()
+    e = keys_.index("s000_emptytxt")
+    assert np.isnan(col(t, "hpsv2_score")[e]) and "empty_caption" in t.column("status").to_pylist()[e]
+    assert np.isfinite(col(r, "hpsv2_score")[e]) and "empty_caption" not in r.column("status").to_pylist()[e]
+    good = np.isfinite(col(t, "hpsv2_score"))
+    np.testing.assert_allclose(col(r, "hpsv2_score")[good], col(t, "hpsv2_score")[good], rtol=1e-6)
+    meta = json.loads(r.schema.metadata[b"miro_scoring"])
+    assert meta["scale"] == "release" and meta["caption_for"]["hpsv2_score"] == "txt"
+
+
+def test_score_cli_as_released(shards, tmp_path):
+    sys.path.insert(0, str(ROOT / "preprocessing"))
+    import score
+
+    out = tmp_path / "cli"
+    rc = score.main(["--shards", shards[0], "--rewards", "hpsv2,sharpness,vqa", "--variant", "tiny", "--as-released",
+                     "--num-workers", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    meta = json.loads(pq.read_schema(out / "00000.scores.parquet").metadata[b"miro_scoring"])
+    assert meta["caption_for"] == {"hpsv2_score": "short", "vqa_score": "long"} and meta["scale"] == "release"
+    assert meta["captions"] == ["short", "long"] and meta["precision"]["vqa_score"] == "fp32"
+    assert meta["rewards"]["vqa_score"]["view"] == "clip336_padmean_jpeg75"
+
+
+def test_vqascore_as_released_inputs():
+    from PIL import Image
+
+    from miro_scale.rewards.vqascore import release_caption
+    assert release_caption("```python\nA <b>red</b> circle ```") == "A red circle"
+    r = registry.build_reward("vqa", "tiny", as_released=True)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (4, 6, 3), dtype=np.uint8)).resize((60, 40))
+    plain = registry.build_reward("vqa", "tiny")
+    a, b = r.view.one(img), plain.view.one(img)
+    assert a.shape == b.shape and 0 < (a - b).abs().mean() < 0.2  # the JPEG round trip, nothing else
+    feats = plain.encode_images(torch.stack([b, b]))
+    assert torch.allclose(r.score_features(feats, ["```A <i>red</i> circle```", "a red circle"])[0],
+                          plain.score_features(feats, ["A red circle", "a red circle"])[0])

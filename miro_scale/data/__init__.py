@@ -1,5 +1,6 @@
 """Data: WebDataset shards with binned rewards, loaders (PIL/torch, DALI GPU/CPU, precomputed
-latents), a writer/resharder, and the synthetic shapes world (the embedded default dataset).
+latents) and a writer/resharder. The synthetic shapes world (the embedded default dataset) lives in
+:mod:`miro_scale.synthetic`.
 
 Entry points (all plain functions/classes with explicit arguments):
 
@@ -14,7 +15,6 @@ Entry points (all plain functions/classes with explicit arguments):
 - :class:`~miro_scale.data.writer.ShardWriter` — atomic shards + DALI index + manifest.
 - :mod:`~miro_scale.data.sidecars`, :mod:`~miro_scale.data.encode`, :mod:`~miro_scale.data.join` —
   the per-shard sidecars, the encode stage and the shard stage (commands in ``preprocessing/``).
-- ``python -m miro_scale.data.synthetic_world`` / :func:`~miro_scale.data.synthetic_world.generate`.
 - ``python -m miro_scale.data.bench`` — loader throughput.
 
 The shard format is documented in :mod:`miro_scale.data.format` (and docs/data.md).

@@ -72,7 +72,7 @@ def run(num_samples=512, resolution=256, source_resolution=384, batch_size=32, w
     from .dali_loader import DaliLoader, dali_available
     from .loader import WebDatasetLoader
     from .plan import resolve_shards
-    from .synthetic_world import generate
+    from miro_scale.synthetic.world import generate
 
     ncpu = os.cpu_count() or 1
     load_before = os.getloadavg()

@@ -32,7 +32,7 @@ Per sample:
       the rewards of the image with that caption (text-dependent rewards differ per caption); used
       in place of ``rewards`` when the loader picked that caption.
     - synthetic-world samples also carry ``tag``, ``scene``, ``corruption`` and ``mismatch`` (see
-      :mod:`miro_scale.data.synthetic_world`).
+      :mod:`miro_scale.synthetic.world`).
 ``latent_mean.npy``, ``latent_std.npy`` (optional)
     Precomputed VAE posterior mean and std, ``[C, h, w]`` (fp16 or fp32), in raw VAE units (no
     scaling). The latent loader samples ``mean + std * eps`` (or returns the mean).

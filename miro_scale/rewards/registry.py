@@ -90,7 +90,7 @@ def _module_builder(key, module):
 
 def _pixel(cls_name):
     def build(variant, **kw):
-        from . import synthetic
+        from miro_scale.synthetic import rewards as synthetic
         return getattr(synthetic, cls_name)(**kw)
     return build
 

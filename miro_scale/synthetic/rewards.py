@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from miro_scale.data.synthetic_world import PALETTE
+from miro_scale.synthetic.world import PALETTE
 
-from .base import VIEWS, Reward
+from miro_scale.rewards.base import VIEWS, Reward
 
 # GenEval's ten colours (sRGB): the palette the synthetic world draws with, from its one definition.
 COLOURS: Dict[str, Tuple[int, int, int]] = dict(PALETTE)

@@ -25,8 +25,8 @@ size >= 16 works; 32 and 128 are the other tested sizes).
 
 CLI (img2dataset-style shards ``00000.tar`` ... with DALI ``.idx`` files and ``manifest.json``)::
 
-    python -m miro_scale.data.synthetic_world --out DIR --num-samples N --shard-size K \
-        --resolution 64 --seed 0 [--mismatch-rate 0.25] [--degrade-rate 0.3] [--workers 2]
+    python -m miro_scale.synthetic.world --out DIR --num-samples N --shard-size K \
+        --resolution 64 --seed 0 [--mismatch-rate 0.25] [--degrade-rate 0.3] [--workers 2] [--vocabulary simple]
 """
 from __future__ import annotations
 
@@ -35,12 +35,13 @@ import hashlib
 import io
 import math
 import os
-from typing import Iterable
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# GenEval's ten colours (sRGB); miro_scale.rewards.synthetic's detector uses this palette too.
+# GenEval's ten colours (sRGB); miro_scale.synthetic.rewards' detector uses this palette too.
 PALETTE = {
     "red": (220, 30, 30),
     "orange": (245, 140, 20),
@@ -62,7 +63,65 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TAG_WEIGHTS = (0.15, 0.15, 0.2, 0.15, 0.2, 0.15)
 DEGRADATIONS = ("blur", "noise", "low_contrast", "jpeg")
+BACKGROUNDS = ("flat", "gradient", "texture")
+BACKGROUND_WEIGHTS = (0.4, 0.4, 0.2)
 WORLD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a world draws and says: its shapes, colours, caption categories (with their weights) and
+    a scale on object sizes. The default is the full world; a smaller one is easier to learn."""
+
+    shapes: tuple = SHAPES
+    colours: tuple = COLOURS
+    tags: tuple = TAGS
+    tag_weights: tuple = TAG_WEIGHTS
+    size_scale: float = 1.0
+    backgrounds: tuple = BACKGROUNDS
+
+    def __post_init__(self):
+        unknown = (set(self.shapes) - set(SHAPES)) | (set(self.colours) - set(COLOURS)) | (set(self.tags) - set(TAGS))
+        if unknown:
+            raise ValueError(f"vocabulary: unknown shapes, colours or tags {sorted(unknown)}")
+        if len(self.shapes) < 3 or len(self.colours) < 3:
+            raise ValueError("vocabulary: at least 3 shapes and 3 colours (two-object scenes and mismatches)")
+        if len(self.tag_weights) != len(self.tags) or min(self.tag_weights) <= 0:
+            raise ValueError("vocabulary: one positive weight per tag")
+        if not 0.5 <= self.size_scale <= 1.6:
+            raise ValueError(f"vocabulary: size_scale must be in [0.5, 1.6], got {self.size_scale}")
+        if not self.backgrounds or set(self.backgrounds) - set(BACKGROUNDS):
+            raise ValueError(f"vocabulary: backgrounds must be some of {BACKGROUNDS}, got {self.backgrounds}")
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        w = np.asarray(self.tag_weights, np.float64)
+        return w / w.sum()
+
+    def settings(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# Named worlds. "full": every shape, colour and GenEval category (the default). "simple": four
+# shapes and five saturated colours, one or two large objects on plain backgrounds: a CPU can learn
+# to draw it in minutes.
+VOCABULARIES = {
+    "full": Vocabulary(),
+    "simple": Vocabulary(shapes=("circle", "square", "triangle", "star"),
+                         colours=("red", "green", "blue", "yellow", "white"),
+                         tags=("single_object", "colors", "two_object", "color_attr", "position"),
+                         tag_weights=(0.15, 0.45, 0.1, 0.15, 0.15), size_scale=1.4, backgrounds=("flat",)),
+}
+
+
+def vocabulary(name_or_vocab) -> Vocabulary:
+    if isinstance(name_or_vocab, Vocabulary):
+        return name_or_vocab
+    if name_or_vocab is None:
+        return VOCABULARIES["full"]
+    if name_or_vocab not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {name_or_vocab!r}; known: {', '.join(VOCABULARIES)}")
+    return VOCABULARIES[name_or_vocab]
 SUPERSAMPLE = 4  # antialiasing factor at <= 128 px; less above (render cost grows with S^2)
 
 
@@ -79,12 +138,13 @@ def _np(phrase_words: list) -> str:
 
 
 # ----------------------------------------------------------------------------- scene sampling
-def _background(rng: np.random.Generator) -> dict:
+def _background(rng: np.random.Generator, kinds: tuple = BACKGROUNDS) -> dict:
     """Muted, mid-luminance backgrounds (every palette colour, black and white included, stands out)."""
     base = rng.uniform(95, 185)
     tint = rng.normal(0, 14, 3)
     rgb = np.clip(base + tint, 80, 200).round().astype(int).tolist()
-    kind = rng.choice(["flat", "gradient", "texture"], p=[0.4, 0.4, 0.2]).item()
+    w = np.array([BACKGROUND_WEIGHTS[BACKGROUNDS.index(k)] for k in kinds])
+    kind = rng.choice(list(kinds), p=w / w.sum()).item()
     bg = {"kind": kind, "rgb": rgb}
     if kind == "gradient":
         rgb2 = np.clip(np.array(rgb) + rng.normal(0, 25, 3), 80, 200).round().astype(int).tolist()
@@ -119,22 +179,26 @@ def _relation_holds(rel: str, subj, obj, margin: float = 0.12) -> bool:
     return dy > margin and abs(dy) > abs(dx)
 
 
-def sample_scene(rng: np.random.Generator, resolution: int) -> tuple:
-    """Returns (tag, scene, caption_spec)."""
-    tag = TAGS[rng.choice(len(TAGS), p=TAG_WEIGHTS)]
-    bg = _background(rng)
+def sample_scene(rng: np.random.Generator, resolution: int, vocab: Optional[Vocabulary] = None,
+                 tag: Optional[str] = None) -> tuple:
+    """Returns (tag, scene); ``tag`` forces the caption category."""
+    v = vocab or VOCABULARIES["full"]
+    SHAPES, COLOURS, k = v.shapes, v.colours, v.size_scale  # noqa: N806 - the vocabulary's lists
+    drawn = v.tags[rng.choice(len(v.tags), p=v.probabilities)]
+    tag = tag or drawn
+    bg = _background(rng, v.backgrounds)
     relations = []
     if tag in ("single_object", "colors"):
         shapes = [rng.choice(SHAPES).item()]
         colours = [rng.choice(COLOURS).item()]
-        sizes = [rng.uniform(0.3, 0.55)]
+        sizes = [min(0.8, k * rng.uniform(0.3, 0.55))]
     elif tag == "counting":
         n = int(rng.integers(2, 5))
         shapes = [rng.choice(SHAPES).item()] * n
         same = rng.random() < 0.5
         c0 = rng.choice(COLOURS).item()
         colours = [c0 if same else rng.choice(COLOURS).item() for _ in range(n)]
-        sizes = [rng.uniform(0.16, 0.24) if n > 2 else rng.uniform(0.2, 0.3) for _ in range(n)]
+        sizes = [k * (rng.uniform(0.16, 0.24) if n > 2 else rng.uniform(0.2, 0.3)) for _ in range(n)]
     else:  # two objects: two_object, position, color_attr
         s = rng.choice(len(SHAPES), 2, replace=False)
         shapes = [SHAPES[s[0]], SHAPES[s[1]]]
@@ -143,7 +207,7 @@ def sample_scene(rng: np.random.Generator, resolution: int) -> tuple:
             colours = [COLOURS[c[0]], COLOURS[c[1]]]
         else:
             colours = [rng.choice(COLOURS).item(), rng.choice(COLOURS).item()]
-        sizes = [rng.uniform(0.22, 0.34), rng.uniform(0.22, 0.34)]
+        sizes = [k * rng.uniform(0.22, 0.34), k * rng.uniform(0.22, 0.34)]
     constraint = None
     if tag == "position":
         rel = rng.choice(RELATIONS).item()
@@ -233,8 +297,10 @@ def long_caption(scene: dict) -> str:
     return text
 
 
-def mismatch(tag: str, scene: dict, rng: np.random.Generator) -> tuple:
+def mismatch(tag: str, scene: dict, rng: np.random.Generator, vocab: Optional[Vocabulary] = None) -> tuple:
     """A wrong caption for the scene: (caption, record). The record names what was changed."""
+    v = vocab or VOCABULARIES["full"]
+    SHAPES, COLOURS = v.shapes, v.colours  # noqa: N806
     objs = scene["objects"]
     if tag in ("colors", "color_attr"):
         i = int(rng.integers(len(objs)))
@@ -348,19 +414,21 @@ def degrade(im: Image.Image, rng: np.random.Generator) -> tuple:
 
 
 def make_sample(index: int, seed: int = 0, resolution: int = 64, mismatch_rate: float = 0.25,
-                degrade_rate: float = 0.3, image_format: str = "jpg") -> tuple:
-    """Sample ``index`` of the world ``seed``: ``(key, {"jpg"|"png": bytes, "txt": str, "json": dict})``."""
+                degrade_rate: float = 0.3, image_format: str = "jpg", vocab=None) -> tuple:
+    """Sample ``index`` of the world ``seed``: ``(key, {"jpg"|"png": bytes, "txt": str, "json": dict})``.
+    ``vocab``: a Vocabulary or the name of one (default "full")."""
+    vocab = vocabulary(vocab)
     if resolution < 16:
         raise ValueError(f"resolution must be >= 16, got {resolution}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     rng = np.random.default_rng([int(seed), int(index), WORLD_VERSION])
-    tag, scene = sample_scene(rng, resolution)
+    tag, scene = sample_scene(rng, resolution, vocab)
     true_caption = caption_for(tag, scene)
     mis = None
     caption = true_caption
     if rng.random() < mismatch_rate:
-        caption, mis = mismatch(tag, scene, rng)
+        caption, mis = mismatch(tag, scene, rng, vocab)
         mis["true_caption"] = true_caption
     im = render_scene(scene, rng)
     corruption = []
@@ -393,21 +461,41 @@ def make_sample(index: int, seed: int = 0, resolution: int = 64, mismatch_rate: 
     return key, {image_format: data, "txt": caption, "json": meta}
 
 
+def evaluation_prompts(count: int, seed: int = 0, vocab=None, resolution: int = 64) -> list:
+    """``count`` true captions of fresh scenes (not the training samples of any seed), the world's
+    categories in turn: GenEval-like prompts, as :class:`miro_scale.evaluation.prompts.Prompt` with
+    ``tag`` (the category) and ``scene`` in their metadata."""
+    from miro_scale.evaluation.prompts import Prompt
+
+    vocab = vocabulary(vocab)
+    prompts = []
+    for i in range(count):
+        rng = np.random.default_rng([int(seed), int(i), WORLD_VERSION, 0xE7A1])
+        tag, scene = sample_scene(rng, resolution, vocab, tag=vocab.tags[i % len(vocab.tags)])
+        prompts.append(Prompt(caption_for(tag, scene), {"tag": tag, "scene": scene}))
+    return prompts
+
+
 def _make(args):
     return make_sample(*args)
 
 
 def generate(out_dir: str, num_samples: int, shard_size: int = 1000, resolution: int = 64, seed: int = 0,
              mismatch_rate: float = 0.25, degrade_rate: float = 0.3, image_format: str = "jpg",
-             workers: int = 1, start_index: int = 0, progress: bool = True, resume: bool = True) -> list:
+             workers: int = 1, start_index: int = 0, progress: bool = True, resume: bool = True,
+             vocab=None) -> list:
     """Write ``num_samples`` samples (indices ``start_index + i``) as shards of ``shard_size`` into
     ``out_dir``; returns the manifest entries of all its shards. Identical output for any
     ``workers``. With ``resume``, shards that manifest.json already lists with the right sample count
-    and keys for the same world settings are kept (skip-if-done), so an interrupted run continues."""
-    from .writer import ShardWriter, keys_digest, read_manifest
+    and keys for the same world settings are kept (skip-if-done), so an interrupted run continues.
+    ``vocab``: a Vocabulary or the name of one (default "full")."""
+    from miro_scale.data.writer import ShardWriter, keys_digest, read_manifest
 
+    vocab = vocabulary(vocab)
     settings = {"version": WORLD_VERSION, "seed": seed, "resolution": resolution,
                 "mismatch_rate": mismatch_rate, "degrade_rate": degrade_rate, "image_format": image_format}
+    if vocab != VOCABULARIES["full"]:
+        settings["vocabulary"] = vocab.settings()
     extra = {"synthetic_world": settings}
     man = read_manifest(out_dir) if os.path.isdir(out_dir) else None
     if man is not None and man.get("synthetic_world") not in (None, settings):
@@ -425,7 +513,7 @@ def generate(out_dir: str, num_samples: int, shard_size: int = 1000, resolution:
             continue
         todo.append((k, a, n))
     total = sum(n for _, _, n in todo)
-    tasks: Iterable = ((start_index + a + i, seed, resolution, mismatch_rate, degrade_rate, image_format)
+    tasks: Iterable = ((start_index + a + i, seed, resolution, mismatch_rate, degrade_rate, image_format, vocab)
                        for _, a, n in todo for i in range(n))
     pool = None
     if workers > 1 and total:
@@ -475,12 +563,15 @@ def main(argv=None) -> None:
     p.add_argument("--mismatch-rate", type=float, default=0.25, help="share of wrong captions")
     p.add_argument("--degrade-rate", type=float, default=0.3, help="share of degraded images")
     p.add_argument("--format", default="jpg", choices=["jpg", "png"])
+    p.add_argument("--vocabulary", default="full", choices=list(VOCABULARIES),
+                   help="full: every shape, colour and GenEval category; simple: 4 shapes, 5 colours, large objects")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--start-index", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="rewrite shards that are already complete")
     a = p.parse_args(argv)
     entries = generate(a.out, a.num_samples, a.shard_size, a.resolution, a.seed, a.mismatch_rate,
-                       a.degrade_rate, a.format, a.workers, a.start_index, resume=not a.no_resume)
+                       a.degrade_rate, a.format, a.workers, a.start_index, resume=not a.no_resume,
+                       vocab=a.vocabulary)
     print(f"wrote {sum(e['num_samples'] for e in entries)} samples in {len(entries)} shards to {a.out}")
 
 
