@@ -12,9 +12,11 @@ EXTRAS = {
     "demo": ["pyarrow>=14", "scipy", "braceexpand", "matplotlib>=3.7"],
     "bench": ["matplotlib>=3.7", "liger-kernel>=0.5"],
     "gpu": ["flash-attn>=2.6"],
+    # launchers/web_demo.py; its test drives the page in Debian's chromium through selenium
+    "web": ["gradio>=5", "selenium>=4.20"],
 }
 EXTRAS["test"] = sorted(
-    {dep for name in ("text", "data", "distributed", "rewards", "bench", "demo") for dep in EXTRAS[name]}
+    {dep for name in ("text", "data", "distributed", "rewards", "bench", "demo", "web") for dep in EXTRAS[name]}
     | {"pytest>=8", "pytest-timeout"}
 )
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sample.py                                   # miro_16m, 256 px, 50 Euler steps, CFG 7
     python benchmarks/bench_sample.py --batch-sizes 16 64 128 --variants reference triton --out-dir benchmarks/results
+    python benchmarks/bench_sample.py --variants triton+compile --compile-mode reduce-overhead   # + CUDA graphs
     python benchmarks/bench_sample.py --config configs/tiny_cpu.json --device cpu --batch-sizes 2 --steps 2   # smoke run
 
 What is timed is the flow model on the ODE, exactly as `MiroPipeline` runs it: the sampler of
@@ -11,7 +12,9 @@ embedding), self-conditioning latents carried between steps, bf16 autocast on CU
 embeddings are random (prompt lengths drawn up to the sampling length, 77 tokens by default), so
 the text encoder and the autoencoder's decode are not included. Every batch size gets a short
 warm-up run first (2 steps: the first step has no self-conditioning latents, later ones do, so both
-graphs are built), then --repeats full runs, synchronised. Reports images/s, ms per image, network
+graphs are built), then --repeats full runs, synchronised. triton+compile compiles the flow model
+(--compile-mode; reduce-overhead adds CUDA graphs, each step's outputs cloned out of the graph pool
+because the next step reads them). Reports images/s, ms per image, network
 forwards per second and TFLOP/s (FLOPs from miro_scale/models/flops.py, counted against
 --peak-tflops), peak memory; prints a table and writes sample_<device>.json (and a PNG when
 matplotlib is installed). Without a GPU (and without --device cpu) it says so and exits with status 2.
@@ -31,12 +34,35 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from miro_scale.config import load_config  # noqa: E402
 from miro_scale.tools.bench_report import run_facts, write_report  # noqa: E402
-from miro_scale.flow import MiroFlowModel  # noqa: E402
+from miro_scale.flow import FlowOutput, MiroFlowModel  # noqa: E402
 from miro_scale.models.flops import forward_flops  # noqa: E402
 from miro_scale.sampling import reward_vector, sample  # noqa: E402
 
 VARIANTS = ("reference", "triton", "triton+compile")
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+class GraphStep(torch.nn.Module):
+    """torch.compile's reduce-overhead mode replays CUDA graphs into the same output memory at every
+    call, but the sampler carries one step's self-conditioning latents into the next: each call
+    starts a new graph iteration and clones its outputs out of the graph's memory pool."""
+
+    def __init__(self, compiled):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return FlowOutput(*(None if t is None else t.clone() for t in self.compiled(*args)))
+
+
+def compiled(model, mode: str):
+    if mode == "default":
+        return torch.compile(model)
+    if mode == "reduce-overhead":
+        return GraphStep(torch.compile(model, mode=mode))
+    return torch.compile(model, mode=mode)
 
 
 def prompts(cfg, batch: int, text_len: int, device, seed: int = 0):
@@ -129,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--variants", nargs="+", default=["triton"], choices=VARIANTS)
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of triton+compile; reduce-overhead replays CUDA graphs")
     p.add_argument("--warmup", type=int, default=1, help="2-step warm-up runs per batch size")
     p.add_argument("--repeats", type=int, default=2, help="timed full runs per batch size")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per device, dense bf16 (H100 SXM: 989)")
@@ -152,12 +180,14 @@ def main(argv=None) -> int:
     fwd_flops = forward_flops(cfg, cfg.model.latent_size, a.text_len)
 
     results = []
-    print(f"{'variant':<16}{'batch':>6}{'img/s':>10}{'ms/img':>10}{'fwd/s':>10}{'TFLOP/s':>9}{'MFU':>8}{'GiB':>7}",
+    print(f"{'variant':<32}{'batch':>6}{'img/s':>10}{'ms/img':>10}{'fwd/s':>10}{'TFLOP/s':>9}{'MFU':>8}{'GiB':>7}",
           flush=True)
     for variant in a.variants:
         torch.manual_seed(0)
         model = MiroFlowModel(cfg.model, cfg.flow).to(device).eval()
-        forward = torch.compile(model) if variant == "triton+compile" else model
+        forward = compiled(model, a.compile_mode) if variant == "triton+compile" else model
+        if variant == "triton+compile" and a.compile_mode != "default":
+            variant = f"{variant}({a.compile_mode})"
         switch = kernels.reference_only() if variant == "reference" else nullcontext()
         with switch:
             for batch in a.batch_sizes:
@@ -165,7 +195,7 @@ def main(argv=None) -> int:
                 r["tflops"] = fwd_flops * r["network_forwards_per_s"] / 1e12
                 r["mfu"] = r["tflops"] / a.peak_tflops
                 results.append(r)
-                print(f"{variant:<16}{batch:>6}{r['images_per_s']:>10.2f}{r['ms_per_image']:>10.1f}"
+                print(f"{variant:<32}{batch:>6}{r['images_per_s']:>10.2f}{r['ms_per_image']:>10.1f}"
                       f"{r['network_forwards_per_s']:>10.1f}{r['tflops']:>9.1f}{100 * r['mfu']:>7.2f}%"
                       f"{r.get('max_memory_gib', float('nan')):>7.1f}", flush=True)
         del model, forward
@@ -176,7 +206,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "sampling", "config": a.config, "overrides": a.set,
         "image_size": cfg.autoencoder.image_size, "latent_size": m.latent_size, "patch_size": m.patch_size, "steps": a.steps, "solver": a.solver,
-        "guidance_scale": a.guidance, "text_len": a.text_len, "precision": a.precision,
+        "guidance_scale": a.guidance, "text_len": a.text_len, "precision": a.precision, "compile_mode": a.compile_mode,
         "warmup": a.warmup, "repeats": a.repeats, "forward_flops_per_image": fwd_flops,
         "peak_tflops": a.peak_tflops, "includes": "flow model on the ODE only (no text encoder, no VAE decode)",
         "results": results,

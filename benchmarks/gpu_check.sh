@@ -20,6 +20,7 @@
 #   kernels_bench        python -m kernels.bench --suite textrin, baselines eager, compile, liger
 #   bench_score          preprocessing/bench_score.py: six full-size reward models, random weights
 #   bench_sample         benchmarks/bench_sample.py: 50 Euler steps, multi-reward CFG, B=16 and 64
+#   bench_sample_graphs  the same, Triton + torch.compile reduce-overhead (CUDA graphs), B=64
 #   bench_train_compile  launchers/bench_train.py --variants triton+compile
 #   kernels_bench_large  python -m kernels.bench --suite large (eager and liger baselines)
 #
@@ -151,8 +152,8 @@ def note(name):  # the headline numbers of one step, from what it wrote
         r = load("bench_score/bench_score.json")
         return r and ("; ".join(f"{x['key']} {x['image_per_s']:.0f}/s" if "image_per_s" in x else f"{x['key']} ERROR"
                                 for x in r["rewards"]) + f"; all {r['all_rewards_images_per_s']}/s")
-    if name == "bench_sample":
-        r = load("bench_sample/sample_cuda.json")
+    if name.startswith("bench_sample"):
+        r = load(f"{name}/sample_cuda.json")
         return r and "; ".join(f"{x['variant']} B={x['batch_size']} {x['images_per_s']:.1f} img/s" for x in r["results"])
     return None
 
@@ -281,6 +282,10 @@ steps() {
   step bench_sample 120 "$PY" benchmarks/bench_sample.py --config configs/miro_16m.json --batch-sizes 16 64 \
     --steps 50 --solver euler --guidance 7 --variants reference triton --warmup 1 --repeats 2 \
     --out-dir "$RES/bench_sample"
+
+  step bench_sample_graphs 150 "$PY" benchmarks/bench_sample.py --config configs/miro_16m.json --batch-sizes 64 \
+    --steps 50 --solver euler --guidance 7 --variants triton+compile --compile-mode reduce-overhead \
+    --warmup 1 --repeats 2 --out-dir "$RES/bench_sample_graphs"
 
   step bench_train_compile 200 "$PY" launchers/bench_train.py --micro-batch 64 --steps 8 --warmup 3 \
     --variants triton+compile --out-dir "$RES/bench_train_compile"

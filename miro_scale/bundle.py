@@ -47,6 +47,15 @@ class BundleError(ValueError):
     """A bundle that cannot be loaded as it is; the message names the file and the key."""
 
 
+def add_bundle_arguments(parser) -> None:
+    """--model and --model-variant, as every command that loads a bundle spells them."""
+    parser.add_argument("--model", required=True,
+                        help="a model bundle: a directory from checkpoints_tools/export.py, or a hub id "
+                             "(nicolas-dufour/miro)")
+    parser.add_argument("--model-variant", default=None,
+                        help="a bundle subfolder (e.g. of nicolas-dufour/miro-ablations)")
+
+
 def resolve(path_or_id: str, variant: Optional[str] = None, revision: Optional[str] = None,
             cache_dir: Optional[str] = None) -> Path:
     """The local directory of a bundle: ``path_or_id`` itself (or its ``variant`` subfolder), else

@@ -2,14 +2,15 @@
 
     v = v(s+) + w * (v(s+) - v(s-))
 
-Both branches run in one batched forward; s+ and s- are set per reward key; the negative branch
+Both branches run in one batched forward; s+ and s- are set per reward key (MiroPipeline: for the
+whole batch, or per image, so one call can hold several settings); the negative branch
 can use the empty-prompt text embedding; self-conditioning latents are carried per branch (the
 stacked batch keeps them apart by construction).
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,22 @@ def reward_vector(reward_keys: Sequence[str], targets: Mapping[str, float], defa
             raise ValueError(f"reward target {key}={value} is not in [0, 1]")
         values.append(value)
     return torch.tensor(values, dtype=torch.float32)
+
+
+Targets = Union[None, Mapping[str, float], Sequence[Mapping[str, float]]]
+
+
+def reward_matrix(reward_keys: Sequence[str], base: Mapping[str, float], targets: Targets, default: float,
+                  count: int) -> torch.Tensor:
+    """One reward vector for the batch ([N]; ``targets`` a mapping or None) or one per image ([count, N];
+    ``targets`` a sequence of ``count`` mappings, so one batched call can hold several reward settings);
+    each over the config's ``base`` targets."""
+    if targets is None or isinstance(targets, Mapping):
+        return reward_vector(reward_keys, {**base, **(targets or {})}, default)
+    targets = list(targets)
+    if len(targets) != count:
+        raise ValueError(f"{len(targets)} per-image reward targets for a batch of {count} images")
+    return torch.stack([reward_vector(reward_keys, {**base, **t}, default) for t in targets])
 
 
 def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -207,13 +224,14 @@ class MiroPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, *, num_inference_steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 num_images_per_prompt: int = 1, reward_targets: Optional[Mapping[str, float]] = None,
-                 negative_reward_targets: Optional[Mapping[str, float]] = None,
+                 num_images_per_prompt: int = 1, reward_targets: Targets = None,
+                 negative_reward_targets: Targets = None,
                  latents: Optional[torch.Tensor] = None, prompt_embeds: Optional[torch.Tensor] = None,
                  prompt_attention_mask: Optional[torch.Tensor] = None, solver: Optional[str] = None,
                  final_gamma: Optional[float] = None, output_type: str = "pil"):
         """``prompt``: a string or a list (or ``prompt_embeds`` [B, L, D] + ``prompt_attention_mask``).
-        Reward targets per key in [0, 1], passed as given: s+ defaults to 1, s- to 0. ``latents``: the
+        Reward targets per key in [0, 1], passed as given: s+ defaults to 1, s- to 0; a list of
+        mappings (one per output image) gives each image its own targets. ``latents``: the
         starting noise [B * num_images_per_prompt, C, h, w] (else drawn with ``generator``).
         ``output_type``: "pil" (list of images), "pt" ([B, 3, H, W] in [0, 1]), "np" ([B, H, W, 3]
         in [0, 1]) or "latent" (the sampler's normalised latents, before the autoencoder)."""
@@ -232,8 +250,6 @@ class MiroPipeline:
         text = prompt_embeds.float().repeat_interleave(num_images_per_prompt, 0).to(self.device)
         mask = prompt_attention_mask.bool().repeat_interleave(num_images_per_prompt, 0).to(self.device)
         keys = m.reward_keys
-        positive = {**s.reward_targets, **(reward_targets or {})}
-        negative = {**s.negative_reward_targets, **(negative_reward_targets or {})}
         w = s.guidance_scale if guidance_scale is None else guidance_scale
         guided = w > 0
         negative_text = negative_mask = None
@@ -241,14 +257,15 @@ class MiroPipeline:
             negative_text = self.uncond_embedding[None].to(self.device)
             negative_mask = torch.ones(negative_text.shape[:2], dtype=torch.bool, device=self.device)
         b = text.shape[0]
+        positive = reward_matrix(keys, s.reward_targets, reward_targets, 1.0, b) if keys else None
+        negative = reward_matrix(keys, s.negative_reward_targets, negative_reward_targets, 0.0, b) \
+            if keys and guided else None
         if latents is None:
             latents = torch.randn((b, m.latent_channels, m.latent_size, m.latent_size), generator=generator,
                                   device=self.device, dtype=torch.float32)
         x = sample(self.model, latents.to(self.device, torch.float32), text, mask,
-                   reward_vector(keys, positive, 1.0) if keys else None,
-                   num_steps=num_inference_steps or s.num_steps, solver=solver or s.solver,
-                   guidance_scale=w if guided else 0.0,
-                   negative_rewards=reward_vector(keys, negative, 0.0) if keys and guided else None,
+                   positive, num_steps=num_inference_steps or s.num_steps, solver=solver or s.solver,
+                   guidance_scale=w if guided else 0.0, negative_rewards=negative,
                    negative_text=negative_text, negative_text_mask=negative_mask,
                    autocast_dtype=self.dtype if self.dtype != torch.float32 else None,
                    final_gamma=s.final_gamma if final_gamma is None else final_gamma)

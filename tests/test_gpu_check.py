@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["wheels", "facts", "cuda_tests", "train_bf16", "bench_train", "kernels_bench", "bench_score",
-         "bench_sample", "bench_train_compile", "kernels_bench_large"]
+         "bench_sample", "bench_sample_graphs", "bench_train_compile", "kernels_bench_large"]
 
 
 def run_script(tmp_path, **env):

@@ -4,13 +4,14 @@
 - radar: models' mean rewards on a common [0, 1] axis (the paper's Fig. 4)
 - controllability_curves: measured reward against the requested level, one panel per dial (Fig. 9)
 - best_of_n_curves: a reward of the best of n images against n, one line per model (Fig. 8)
+- category_bars: a reward's mean per prompt category, one bar per model (GenEval categories)
 - image_grid: rows of images with row labels (sample grids)
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -96,20 +97,43 @@ def controllability_curves(sweeps: Mapping[str, Mapping[str, Dict]], levels: Seq
     return _save(fig, path)
 
 
-def best_of_n_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], ns: Sequence[int], key: str, path: Path,
+def best_of_n_curves(curves: Mapping[str, Mapping[str, Sequence[float]]],
+                     ns: Union[Sequence[int], Mapping[str, Sequence[int]]], key: str, path: Path,
                      title: Optional[str] = None) -> Path:
-    """curves: {model: {key: [mean at each n]}}; x on a log2 axis."""
+    """curves: {model: {key: [mean at each n]}}; ns: the n of every model, or {model: its ns}; x on a
+    log2 axis."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.4, 3.2))
+    per_model = ns if isinstance(ns, Mapping) else {model: ns for model in curves}
     for model, curve in curves.items():
-        ax.plot(ns, curve[key], marker="o", markersize=3, label=model)
+        ax.plot(per_model[model], curve[key], marker="o", markersize=3, label=model)
+    ticks = sorted({n for model in curves for n in per_model[model]})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ns))
-    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(n) for n in ticks])
     ax.set_xlabel("samples per prompt (best kept)")
     ax.set_ylabel(key.replace("_score", ""))
     ax.set_title(title or f"best-of-n: {key.replace('_score', '')}", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def category_bars(values: Mapping[str, Mapping[str, float]], path: Path, ylabel: str,
+                  title: str = "per category") -> Path:
+    """values: {model: {category: value}}; groups of bars per category (those of the first model, in order)."""
+    plt = _plt()
+    categories = list(next(iter(values.values())))
+    width = 0.8 / len(values)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(categories) * max(1, len(values)) ** 0.5 + 1.5), 3.2))
+    x = np.arange(len(categories))
+    for i, (model, v) in enumerate(values.items()):
+        ax.bar(x + (i - (len(values) - 1) / 2) * width, [v.get(c, float("nan")) for c in categories], width,
+               label=model)
+    ax.set_xticks(x, categories, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -7,6 +7,9 @@
 - evaluate_rewards generates for a prompt set and summarises the scores (the paper's reward
   tables): mean and std per reward, overall and per prompt category (PartiPrompts' Category,
   GenEval's tag).
+- parse_reward_targets / reward_keys / load_reward_config: what the commands' --reward KEY=VALUE,
+  --rewards a,b and --reward-config flags mean (keys or the registry's aliases); a ValueError names
+  the flag or file.
 """
 from __future__ import annotations
 
@@ -21,6 +24,46 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from miro_scale.evaluation.prompts import Prompt
+
+
+def reward_keys(names: str, flag: str = "--rewards") -> List[str]:
+    """Comma-separated reward keys or aliases (aesthetic, vqa, ...) -> canonical keys."""
+    from miro_scale.rewards.registry import canonical_key
+
+    try:
+        keys = [canonical_key(k) for k in names.split(",") if k.strip()]
+    except KeyError as e:
+        raise ValueError(f"{flag}: {e.args[0]}") from None
+    if not keys:
+        raise ValueError(f"{flag}: no reward keys in {names!r}")
+    return keys
+
+
+def parse_reward_targets(items: Sequence[str], flag: str = "--reward") -> Dict[str, float]:
+    """KEY=VALUE items (keys or aliases) -> {canonical key: value}."""
+    targets = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag}: expected key=value, got {item!r}")
+        try:
+            targets[reward_keys(key, flag)[0]] = float(value)
+        except ValueError as e:
+            raise ValueError(f"{flag} {item!r}: {e}") from None
+    return targets
+
+
+def load_reward_config(path: Optional[str]) -> Dict[str, Dict]:
+    """The --reward-config JSON file {reward key or alias: {builder kwargs}}; {} without one."""
+    if not path:
+        return {}
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--reward-config {path}: {e}") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+        raise ValueError(f"--reward-config {path}: expected a JSON object {{reward_key: {{builder kwargs}}}}")
+    return {reward_keys(k, f"--reward-config {path}")[0]: v for k, v in doc.items()}
 
 
 class RewardEvaluator:
@@ -104,6 +147,11 @@ def evaluate_rewards(pipeline, prompts: Sequence[Prompt], evaluator: RewardEvalu
 
                 out_dir.mkdir(parents=True, exist_ok=True)
                 save_image((image + 1) / 2, out_dir / f"{start + offset:05d}.png")
+    return {"summary": summarise(rows), "rows": rows}
+
+
+def summarise(rows: Sequence[Mapping]) -> Dict:
+    """Rows {"category", "scores": {key: value}} -> mean, std and count per reward, overall and per category."""
     keys = list(rows[0]["scores"]) if rows else []
     summary = {"overall": {k: _mean_std([r["scores"][k] for r in rows]) for k in keys}}
     by_category = defaultdict(list)
@@ -113,7 +161,7 @@ def evaluate_rewards(pipeline, prompts: Sequence[Prompt], evaluator: RewardEvalu
     if by_category:
         summary["by_category"] = {c: {k: _mean_std([r["scores"][k] for r in rs]) for k in keys}
                                   for c, rs in sorted(by_category.items())}
-    return {"summary": summary, "rows": rows}
+    return summary
 
 
 def write_report(result: Dict, path: Path, **info) -> Path:
