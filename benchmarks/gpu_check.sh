@@ -21,7 +21,8 @@
 #   bench_score          preprocessing/bench_score.py: six full-size reward models, random weights
 #   bench_sample         benchmarks/bench_sample.py: 50 Euler steps, multi-reward CFG, B=16 and 64
 #   bench_sample_graphs  the same, Triton + torch.compile reduce-overhead (CUDA graphs), B=64
-#   bench_train_compile  launchers/bench_train.py --variants triton+compile
+#   bench_train_compile  launchers/bench_train.py --variants reference+compile triton+compile (the
+#                        release runs reference + compile: the baseline the kernels must beat)
 #   kernels_bench_large  python -m kernels.bench --suite large (eager and liger baselines)
 #
 # Environment: OUT; GPU_CHECK_WHEELS (wheel folder, default .whl); GPU_CHECK_BUDGET (seconds for
@@ -287,8 +288,8 @@ steps() {
     --steps 50 --solver euler --guidance 7 --variants triton+compile --compile-mode reduce-overhead \
     --warmup 1 --repeats 2 --out-dir "$RES/bench_sample_graphs"
 
-  step bench_train_compile 200 "$PY" launchers/bench_train.py --micro-batch 64 --steps 8 --warmup 3 \
-    --variants triton+compile --out-dir "$RES/bench_train_compile"
+  step bench_train_compile 300 "$PY" launchers/bench_train.py --micro-batch 64 --steps 8 --warmup 3 \
+    --variants reference+compile triton+compile --out-dir "$RES/bench_train_compile"
 
   step kernels_bench_large 120 "$PY" -m kernels.bench --suite large --baselines eager liger \
     --warmup 10 --rep 40 --out-dir "$RES/kernels_bench_large"

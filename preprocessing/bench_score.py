@@ -110,15 +110,16 @@ def bench_one(r, facts, args, device):
     return out
 
 
-def bench_decode(n: int = 40):
-    """Images/s of one core decoding a 512x384 JPEG and computing each view from it."""
+def bench_decode(n: int = 40, views=()):
+    """Images/s of one core decoding a 512x384 JPEG and computing each view from it, and all of
+    ``views`` (the benchmarked rewards' views, each distinct one once, as the scorer does)."""
     import io
 
     import numpy as np
     from PIL import Image
 
     from miro_scale.data.decode import decode_image
-    from miro_scale.rewards.base import VIEWS
+    from miro_scale.rewards.base import VIEWS, compute_views
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 512, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
     data = buf.getvalue()
@@ -133,6 +134,11 @@ def bench_decode(n: int = 40):
         for _ in range(n):
             v.one(im)
         out[f"view_{name}"] = round(n / (time.perf_counter() - t), 1)
+    if views:
+        t = time.perf_counter()
+        for _ in range(n):
+            compute_views(im, views)
+        out["views_of_the_rewards"] = round(n / (time.perf_counter() - t), 1)
     return out
 
 
@@ -190,7 +196,7 @@ def main(argv=None):
     summary = {**run_facts(device), "variant": a.variant, "one_at_a_time": a.one_at_a_time, "rewards": results,
                "together": together,
                "all_rewards_images_per_s": round(1.0 / sum(1.0 / x for x in rates), 2) if rates else None,
-               "decode_per_core": bench_decode() if a.decode else None}
+               "decode_per_core": bench_decode(views=[r.view for r in held]) if a.decode else None}
     cols = ("precision", "parameters", "weights_gib", "gpu_weights_gib", "gpu_peak_gib", "host_rss_gib",
             "build_seconds", "image_per_s", "pair_per_s")
     print(f"{'reward':<22}" + "".join(f"{c:>16}" for c in cols))

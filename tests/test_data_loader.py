@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from miro_scale.data._testing import simple_dataset
-from miro_scale.data.loader import WebDatasetLoader
+from miro_scale.data.loader import WebDatasetLoader, device_batch
 from miro_scale.data.plan import epoch_order, rank_chunks
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -114,10 +114,17 @@ def test_state_mismatch_is_refused(ds):
 def test_latents_and_text_embeddings(ds):
     L = WebDatasetLoader(ds, 6, mode="latent", text_embeddings=True, max_text_len=6,
                          latent_std=False, num_workers=0, drop_last=False)
-    for b in L:
-        assert "image" not in b and "latents_std" not in b
+    for host in L:
+        # the host keeps the stored fp16 and pads text to the batch's longest caption only ...
+        assert "image" not in host and "latents_std" not in host
+        assert host["latents"].dtype == host["text_embeddings"].dtype == torch.float16
+        longest = max(min(3 + int(k[1:]) % 5, 6) for k in host["keys"])
+        assert host["text_embeddings"].shape[1:] == (longest, 8) and host["text_mask"].shape[1] == longest
+        # ... and device_batch gives the trainer float32, padded to max_text_len
+        b = device_batch(host, "cpu", max_text_len=6)
         assert b["latents"].shape[1:] == (4, 4, 4) and b["latents"].dtype == torch.float32
-        assert b["text_embeddings"].shape[1:] == (6, 8) and b["text_mask"].dtype == torch.bool
+        assert b["text_embeddings"].shape[1:] == (6, 8) and b["text_embeddings"].dtype == torch.float32
+        assert b["text_mask"].dtype == torch.bool
         for k, lat, emb, m in zip(b["keys"], b["latents"], b["text_embeddings"], b["text_mask"]):
             i = int(k[1:])
             assert torch.all(lat == i)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from miro_scale.data._testing import rewards_json, simple_dataset, solid_jpeg, write_raw_tar
+from miro_scale.data.loader import device_batch
 
 wds_stream = pytest.importorskip("miro_scale.data.wds_stream")
 WdsStreamLoader = wds_stream.WdsStreamLoader
@@ -97,6 +98,8 @@ def test_latents_stream(tmp_path):
     simple_dataset(str(tmp_path), 10, 5, latents=True, text_emb=True)
     L = WdsStreamLoader(sorted(glob.glob(str(tmp_path / "*.tar"))), 4, mode="latent",
                         latent_std=False, text_embeddings=True, max_text_len=8, num_workers=0)
-    b = next(iter(L))
+    host = next(iter(L))
+    assert host["latents"].dtype == host["text_embeddings"].dtype == torch.float16  # as stored
+    b = device_batch(host, "cpu", max_text_len=8)
     assert b["latents"].shape[1:] == (4, 4, 4) and b["text_embeddings"].shape[1:] == (8, 8)
     assert b["text_mask"].dtype == torch.bool

@@ -87,6 +87,7 @@ def assert_close(ours, reference):
     ("zero3", {"kind": "deepspeed", "zero_stage": 3}, "adamw"),
     ("zero1_lamb", {"kind": "deepspeed", "zero_stage": 1}, "lamb"),
     ("zero2_lamb", {"kind": "deepspeed", "zero_stage": 2}, "lamb"),
+    ("zero3_lamb", {"kind": "deepspeed", "zero_stage": 3}, "lamb"),
 ])
 def test_two_process_engines_match_one_process(tmp_path, reference, name, engine, optim):
     cfg = write_config(tmp_path, name, engine=engine, optim={"name": optim})
@@ -119,7 +120,7 @@ def test_two_process_engines_match_one_process(tmp_path, reference, name, engine
 
 @pytest.mark.parametrize("name,first,optim,last", [
     ("fsdp", {"kind": "fsdp", "fsdp_param_dtype": "fp32"}, "lamb", {"kind": "fsdp", "fsdp_param_dtype": "fp32"}),
-    ("zero", {"kind": "deepspeed", "zero_stage": 2}, "adamw", {"kind": "deepspeed", "zero_stage": 3}),
+    ("zero", {"kind": "deepspeed", "zero_stage": 2}, "lamb", {"kind": "deepspeed", "zero_stage": 3}),
 ])
 def test_resume_on_another_world_size_and_engine_continues_exactly(tmp_path, reference, name, first, optim, last):
     """2 processes (steps 1-2) -> 1 process, local engine (3-4) -> 2 processes (5): one checkpoint format."""

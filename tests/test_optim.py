@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from miro_scale.config import OptimConfig
@@ -86,7 +87,9 @@ def test_ema_tracks_parameters():
     torch.testing.assert_close(target.weight.detach(), start + 1.0)
 
 
-LAMB_ARGS = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=None, trust_clip=False, always_adapt=False)
+LAMB_ARGS = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6)
+# timm's Lamb as the release configured it: the reference
+TIMM_LAMB_ARGS = dict(LAMB_ARGS, max_grad_norm=None, trust_clip=False, always_adapt=False)
 
 
 def lamb_problem(steps=5):
@@ -102,7 +105,7 @@ def sharded_lamb_rank(rank, world, init_file, out):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from miro_scale.train.optim import ShardedLamb
+    from miro_scale.train.optim import Lamb
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     params, grads = lamb_problem()
@@ -122,9 +125,9 @@ def sharded_lamb_rank(rank, world, init_file, out):
                 slices.append((index, lo - rank * chunk, hi - lo))
             offset += params[i].numel()
         partitions[id(flats[g])] = (g, slices)
-    opt = ShardedLamb([{"params": [flats[0]], "weight_decay": 0.1}, {"params": [flats[1]], "weight_decay": 0.0}],
+    opt = Lamb([{"params": [flats[0]], "weight_decay": 0.1}, {"params": [flats[1]], "weight_decay": 0.0}],
                       **LAMB_ARGS)
-    opt.shard(partitions, [len(decayed), len(plain)], None)
+    opt.shard(lambda flat: partitions[id(flat)], [len(decayed), len(plain)], None)
     for step_grads in grads:
         for g, (members, chunk, numel) in chunks.items():
             flat = torch.cat([step_grads[i].reshape(-1) for i in members])
@@ -152,7 +155,7 @@ def test_sharded_lamb_on_partitions_matches_lamb_on_whole_parameters(tmp_path):
     torch.multiprocessing.spawn(sharded_lamb_rank, args=(2, tmp_path / "store", out), nprocs=2)
     params, grads = lamb_problem()
     opt = Lamb([{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}],
-               **LAMB_ARGS)
+               **TIMM_LAMB_ARGS)
     for step_grads in grads:
         for p, grad in zip(params, step_grads):
             p.grad = grad
@@ -161,3 +164,134 @@ def test_sharded_lamb_on_partitions_matches_lamb_on_whole_parameters(tmp_path):
     diff = max((a - b).abs().max().item() for a, b in zip(sharded, params))
     print(f"sharded LAMB max diff {diff:.2e}")
     assert diff <= 1e-5, diff
+
+
+def timm_reference(steps=5):
+    """timm's Lamb (the release's optimizer) on lamb_problem: the weights after `steps` steps."""
+    from timm.optim import Lamb as TimmLamb
+
+    params, grads = lamb_problem(steps)
+    opt = TimmLamb([{"params": [params[0], params[2]], "weight_decay": 0.1},
+                    {"params": [params[1]], "weight_decay": 0.0}], **TIMM_LAMB_ARGS)
+    for step_grads in grads:
+        for p, grad in zip(params, step_grads):
+            p.grad = grad
+        opt.step()
+    return params
+
+
+def test_lamb_on_whole_tensors_matches_timm_and_skips_non_finite_steps_on_the_device():
+    """Same weights as timm's Lamb; a step whose found_inf is 1 (NaN and inf gradients) changes
+    neither weights, moments nor the step count, and the host is never asked."""
+    from miro_scale.train.optim import Lamb
+
+    params, grads = lamb_problem()
+    opt = Lamb([{"params": [params[0], params[2]], "weight_decay": 0.1},
+                {"params": [params[1]], "weight_decay": 0.0}], **LAMB_ARGS)
+    for n, step_grads in enumerate(grads):
+        for p, grad in zip(params, step_grads):
+            p.grad = grad
+        opt.found_inf = torch.zeros(())
+        opt.step()
+        if n == 2:  # a poisoned step in the middle: skipped as if it never happened
+            before = [p.clone() for p in params] + [t.clone() for s in opt.state.values() for t in s.values()]
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+            params[1].grad[0] = float("inf")
+            opt.found_inf = torch.ones(())
+            opt.step()
+            after = list(params) + [t for s in opt.state.values() for t in s.values()]
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            assert [g["step"].item() for g in opt.param_groups] == [3.0, 3.0]
+    diff = max((a - b).abs().max().item() for a, b in zip(params, timm_reference()))
+    assert diff <= 1e-6, diff
+
+
+def test_lamb_step_is_the_same_few_ops_for_any_number_of_parameters():
+    """foreach by construction: the ops of a step do not grow with the number of parameters."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from miro_scale.train.optim import Lamb
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_per_step(n):
+        params = [torch.randn(3, 2) for _ in range(n)]
+        opt = Lamb([{"params": params, "weight_decay": 0.1}], **LAMB_ARGS)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # state created
+        with CountOps() as count:
+            opt.step()
+        return count.ops
+
+    assert ops_per_step(4) == ops_per_step(64)
+
+
+def fsdp_lamb_rank(rank, world, init_file, out):
+    """One rank of FSDP2 + LAMB on lamb_problem's parameters, each sharded across the ranks."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from miro_scale.train.comm_count import count_collectives
+    from miro_scale.train.optim import Lamb
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    params, grads = lamb_problem()
+    module = torch.nn.Module()
+    for i, p in enumerate(params):
+        module.register_parameter(f"p{i}", torch.nn.Parameter(p.clone()))
+    fully_shard(module)
+    sharded = [module.p0, module.p1, module.p2]
+    opt = Lamb([{"params": [sharded[0], sharded[2]], "weight_decay": 0.1},
+                {"params": [sharded[1]], "weight_decay": 0.0}], **LAMB_ARGS)
+    with count_collectives() as counts:
+        for step_grads in grads:
+            for p, grad in zip(sharded, step_grads):
+                p.grad = torch.distributed.tensor.distribute_tensor(grad, p.device_mesh, p.placements)
+            opt.step()
+    result = [p.full_tensor() for p in sharded]
+    if rank == 0:
+        torch.save({"weights": result, "all_reduces": counts.calls["all_reduce"]}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_lamb_under_fsdp2_reduces_all_trust_ratio_norms_at_once():
+    """FSDP2 DTensors on 2 gloo processes: one all-reduce per decayed group and step (per-tensor
+    DTensor norms would be two per parameter), and timm's one-process weights."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "fsdp.pt"
+        torch.multiprocessing.spawn(fsdp_lamb_rank, args=(2, Path(tmp) / "store", out), nprocs=2)
+        result = torch.load(out, weights_only=True)
+    assert result["all_reduces"] == 5  # 5 steps x the one decayed group
+    diff = max((a - b).abs().max().item() for a, b in zip(result["weights"], timm_reference()))
+    assert diff <= 1e-6, diff
+
+
+def test_guarded_optimizers_skip_when_told_and_say_so_for_deepspeed():
+    """DeepSpeed ZeRO-0 reads .overflow on the host; the engine sets non_finite from its one norm."""
+    from miro_scale.train.optim import GuardedAdamW, GuardedLamb
+
+    for cls in (GuardedLamb, GuardedAdamW):
+        params, grads = lamb_problem(1)
+        opt = cls([{"params": params, "weight_decay": 0.1}], lr=1e-2)
+        for p, grad in zip(params, grads[0]):
+            p.grad = grad
+        before = [p.clone() for p in params]
+        opt.non_finite = torch.tensor(True)
+        opt.step()
+        assert opt.overflow and all(torch.equal(a, b) for a, b in zip(before, params))
+        opt.non_finite = torch.tensor(False)
+        opt.step()
+        assert not opt.overflow and not torch.equal(before[0], params[0])

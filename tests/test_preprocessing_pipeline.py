@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from miro_scale.data.loader import device_batch
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +143,8 @@ def test_every_key_is_trained_on_or_skipped_with_a_reason(pipeline):
     b = next(iter(WebDatasetLoader(str(w / "train"), 8, mode="latent", reward_keys=REWARDS, text_embeddings=True,
                                    caption_source={"txt": 0.5, "long": 0.5}, max_text_len=16, num_workers=0)))
     assert b["latents"].shape[1:] == (4, 4, 4) and b["latents_std"].shape == b["latents"].shape
-    assert b["text_embeddings"].shape[1:] == (16, 32) and b["rewards"].shape[1] == 3
+    assert b["text_embeddings"].shape[1] <= 16 and b["text_embeddings"].shape[2] == 32 and b["rewards"].shape[1] == 3
+    assert device_batch(b, "cpu", 16)["text_embeddings"].shape[1:] == (16, 32)  # padded on the device
 
 
 def test_sidecars_carry_captions_and_rewards_per_caption(pipeline):

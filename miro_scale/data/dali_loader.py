@@ -107,7 +107,8 @@ class DaliLoader(PlannedLoader):
     def _row(self, i: int, reader: MemberReader, epoch: int) -> tuple:
         get, mem, where = self._member_getter(i, reader)
         # caption and rewards first, as the torch loader does, so a sample is skipped for the same reason
-        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
+        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where,
+                                                  self._pick_caption(i, epoch))
         ext = image_ext(mem)
         if ext is None:
             raise SampleError("missing_image", f"{where}: no image member")
@@ -152,12 +153,17 @@ class DaliLoader(PlannedLoader):
         # Depth 1: each schedule_run() runs exactly the batch fed before it; _iter_epoch keeps
         # prefetch_queue_depth of them in flight, so each output belongs to a known plan batch.
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=self.device_id, prefetch_queue_depth=1, exec_dynamic=True)
+                      device_id=self.device_id, prefetch_queue_depth=1, exec_dynamic=True,
+                      enable_conditionals=True)
         def pipe():
             enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, batch=True)
             dec = fn.decoders.image(enc, device="cpu" if self.device_id is None else "mixed",
                                     output_type=types.RGB)
-            dec = fn.resize(dec, resize_shorter=res, interp_type=types.INTERP_CUBIC, antialias=True)
+            # An image already `res` on its shorter side is only cropped: resampling it cost more
+            # than its decode. Linear with antialiasing (a triangle filter when shrinking) is the
+            # release's preprocessing (torchvision Resize, bilinear, on PIL images).
+            if fn.reductions.min(fn.peek_image_shape(enc)[0:2]) != res:
+                dec = fn.resize(dec, resize_shorter=res, interp_type=types.INTERP_LINEAR, antialias=True)
             return fn.crop_mirror_normalize(dec, crop=(res, res), crop_pos_x=0.5, crop_pos_y=0.5,
                                             mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT,
                                             output_layout="CHW")

@@ -58,12 +58,13 @@ def decode_image(data: bytes, where: str, min_size: int | None = None,
             w, h = im.size
             if w <= 0 or h <= 0:
                 raise SampleError("corrupt_image", f"{where}: image has size {w}x{h}")
-            if im.format == "JPEG" and min_size:
-                # draft picks the largest DCT scale-down that keeps the image >= the requested size
-                scale = min(w, h) / float(min_size)
-                if scale >= 2:
-                    im.draft("RGB" if im.mode != "CMYK" else "CMYK",
-                             (int(w / scale) + 1, int(h / scale) + 1))
+            if im.format == "JPEG" and min_size and min(w, h) >= 2 * min_size:
+                # draft picks the largest DCT scale-down (1/2, 1/4, 1/8) that keeps the image >= the
+                # requested size; asking for exactly min_size on the short side lets an exact 2x
+                # source (512 px for 256) decode at half scale
+                short = min(w, h)
+                im.draft("RGB" if im.mode != "CMYK" else "CMYK",
+                         (-(-w * min_size // short), -(-h * min_size // short)))
             if im.size[0] * im.size[1] > max_pixels:
                 raise SampleError("too_large", f"{where}: image is {w}x{h} px, over the "
                                   f"{max_pixels} px limit")
@@ -86,13 +87,14 @@ def struct_error():
 
 
 def resize_center_crop(im: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic, antialiased) and take the centre square; returns
-    uint8 [size, size, 3]. The crop offset rounds as DALI's crop_pos 0.5 does (floor of half)."""
+    """Resize the shorter side to ``size`` (bilinear, antialiased: the release's torchvision
+    ``Resize``, and DALI's linear filter) and take the centre square; returns uint8 [size, size, 3].
+    The crop offset rounds as DALI's crop_pos 0.5 does (floor of half)."""
     w, h = im.size
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
     if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
     left, top = (nw - size) // 2, (nh - size) // 2
     im = im.crop((left, top, left + size, top + size))
     return np.asarray(im, dtype=np.uint8)

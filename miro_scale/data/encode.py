@@ -91,7 +91,8 @@ class ShardEncoder:
         try:
             if ext is None:
                 raise SampleError("missing_image", f"{where}: no image member")
-            image = vae_input(decode_image(members[ext], where, min_size=self.s.image_size), self.s.image_size)
+            # a full decode, then vae_input's bilinear resize, as the release prepared VAE inputs
+            image = vae_input(decode_image(members[ext], where), self.s.image_size)
         except SampleError as e:
             reasons.append(e.reason)
         except Exception:  # noqa: BLE001 - whatever else the decoder raises, the sample is out

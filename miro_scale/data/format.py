@@ -38,8 +38,9 @@ Per sample:
     scaling). The latent loader samples ``mean + std * eps`` (or returns the mean).
 ``text_emb.npy`` (optional), ``text_mask.npy`` (optional)
     Text-encoder token embeddings ``[n_tokens, D]`` (fp16/fp32), usually trimmed to the mask; the
-    mask (bool/uint8 ``[n_tokens]``) is optional and defaults to all true. The loader pads (or
-    truncates) to ``max_text_len`` and returns a bool mask. Embeddings of ``json["captions"][name]``
+    mask (bool/uint8 ``[n_tokens]``) is optional and defaults to all true. The loader truncates to
+    ``max_text_len`` and pads to the batch's longest caption with a bool mask; the trainer's
+    :func:`~miro_scale.data.loader.device_batch` pads to ``max_text_len`` on the device. Embeddings of ``json["captions"][name]``
     go in ``text_emb_<name>.npy`` / ``text_mask_<name>.npy``.
 
 Alongside the shards the writer puts, for ``NAME.tar``:

@@ -3,13 +3,19 @@
 All loaders (this one, :class:`miro_scale.data.dali_loader.DaliLoader`) yield the same batch dict:
 
 ``"image"``      float32 [B, 3, H, W] in [-1, 1] (``mode="image"``), or
-``"latents"``    float32 [B, C, h, w] raw VAE posterior mean (``mode="latent"``), and
+``"latents"``    [B, C, h, w] raw VAE posterior mean (``mode="latent"``), in the dtype stored
+                 (fp16 as the encode stage writes it), and
 ``"latents_std"`` its std when ``latent_std`` (the trainer samples mean + std * eps on the device)
 ``"text"``       list[str] of B captions (always; ``caption_source`` "txt", a ``json["captions"]``
                  name, or a {name: weight} mix drawn per sample and epoch)
-``"text_embeddings"`` float32 [B, L, D] and ``"text_mask"`` bool [B, L] (``text_embeddings=True``)
+``"text_embeddings"`` [B, L, D] in the dtype stored and ``"text_mask"`` bool [B, L]
+                 (``text_embeddings=True``), L the batch's longest caption (<= ``max_text_len``)
 ``"rewards"``    float32 [B, N]: the normalised bin values of ``reward_keys``, in that order
 ``"keys"``       list[str] of B sample keys (``"shard_name/key"`` is in ``"where"``)
+
+Latent-mode batches stay compact on the host (stored dtype, text padded to the batch's longest
+caption only) and cross from DataLoader workers in shared memory; :func:`device_batch` pads the
+text to ``max_text_len`` and casts to float32 on the device, where that costs nothing.
 
 Batches are compact: a sample that fails (bad image, json without a configured reward, ...) is left
 out with a warning naming shard and key and counted in :attr:`stats`, so a batch can be shorter than
@@ -19,7 +25,10 @@ resumes on the next batch exactly, with any number of workers.
 """
 from __future__ import annotations
 
+import functools
+import io
 import logging
+import math
 from collections import Counter
 from typing import Iterator, Sequence
 
@@ -40,17 +49,95 @@ STATE_VERSION = 1
 
 
 def _load_npy(data: bytes, where: str, ext: str) -> np.ndarray:
-    import io
-
+    """A read-only view of a .npy member's data, without copying it (np.load copies in 256 KiB
+    pieces); object arrays are refused, so nothing is unpickled."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
+            raise ValueError("not a .npy file (versions 1-3)")
+        start = 10 if data[6] == 1 else 12  # magic, version, then a 2- or 4-byte header length
+        end = start + int.from_bytes(data[8:start], "little")
+        shape, fortran, dtype = _npy_header(bytes(data[:end]))
+        a = np.frombuffer(data, dtype, math.prod(shape), offset=end)
+        return a.reshape(shape, order="F" if fortran else "C")
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad member
         raise SampleError("bad_npy", f"{where}: member .{ext} is not a valid .npy ({e})") from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(head: bytes) -> tuple:
+    """(shape, fortran_order, dtype) of a .npy header. Cached: shards repeat a few headers, and
+    numpy parses each with ast.literal_eval (a third of the loader's time per sample)."""
+    fp = io.BytesIO(head)
+    version = np.lib.format.read_magic(fp)
+    # version 3 differs from 2 only in allowing a UTF-8 header, which our arrays' headers never need
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not read")
+    return shape, fortran, dtype
+
+
+def _float_array(a: np.ndarray) -> np.ndarray:
+    """fp16/fp32 stay as stored (no up-cast on the host); anything else becomes float32."""
+    if a.dtype in (np.float16, np.float32) and a.dtype.isnative:
+        return a
+    return a.astype(np.float32)
+
+
+def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker it lives in shared memory, so handing it to
+    the main process passes a file descriptor instead of pickling its bytes (what torch's
+    default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _stack(arrays: list, fill=0) -> torch.Tensor:
+    """Stack [n_j, ...] arrays into one [B, max n_j, ...] tensor (shared memory in a worker), each
+    row's tail set to ``fill``; equal-shape arrays are simply stacked."""
+    n = max(a.shape[0] for a in arrays)
+    dtype = torch.from_numpy(np.empty(0, np.result_type(*arrays))).dtype
+    out = _batch_tensor((len(arrays), n) + arrays[0].shape[1:], dtype)
+    dst = out.numpy()
+    for j, a in enumerate(arrays):
+        dst[j, :a.shape[0]] = a
+        dst[j, a.shape[0]:] = fill
+    return out
+
+
+def device_batch(batch: dict, device: torch.device | str, max_text_len: int | None = None) -> dict:
+    """A loader batch on ``device`` in the trainer's form: tensors moved there, latents and text
+    embeddings cast to float32 and the text padded with zeros (mask False) to ``max_text_len``
+    tokens, on the device (cheap there; on the host it cost more than reading the sample).
+    Lists (keys, captions) are kept as they are. To CUDA, host tensors are pinned first, so the
+    copy runs asynchronously on the current stream (a pageable one blocks the host)."""
+    device = torch.device(device)
+
+    def move(v: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and v.device.type == "cpu" and not v.is_pinned():
+            v = v.pin_memory()
+        return v.to(device, non_blocking=True)
+
+    out = {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    for name in ("latents", "latents_std", "text_embeddings"):
+        if name in out:
+            out[name] = out[name].float()
+    if max_text_len is not None and "text_embeddings" in out:
+        emb, mask = out["text_embeddings"], out["text_mask"]
+        pad = max_text_len - emb.shape[1]
+        if pad < 0:
+            raise ValueError(f"text embeddings have {emb.shape[1]} tokens, more than max_text_len "
+                             f"{max_text_len}")
+        out["text_embeddings"] = torch.nn.functional.pad(emb, (0, 0, 0, pad))
+        out["text_mask"] = torch.nn.functional.pad(mask, (0, pad), value=False)
+    return out
+
+
 class RowBuilder:
     """Per-sample CPU work shared by the loaders: caption choice, rewards, image decode, latents,
-    text embeddings, and collation into numpy arrays. Needs the attributes set by
+    text embeddings, and collation into tensors. Needs the attributes set by
     ``_set_caption_source`` and: mode, resolution, max_pixels, latent_std, seed, reward_keys,
     text_embeddings, max_text_len."""
 
@@ -102,11 +189,11 @@ class RowBuilder:
         k = int(np.searchsorted(np.cumsum(self.caption_probs), u, side="right"))
         return self.caption_names[min(k, len(self.caption_names) - 1)]
 
-    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str,
-                          i: int = 0, epoch: int = 0):
-        """Caption and reward vector. With several caption sources, one is drawn per sample and
-        epoch (seeded); rewards come from ``json["rewards_by_caption"][source]`` when the json has
-        them for that source, else from ``json["rewards"]``."""
+    def _text_and_rewards(self, txt: bytes | None, meta_bytes: bytes | None, where: str, source: str):
+        """Caption and reward vector for the caption ``source`` (``_pick_caption``: with several
+        sources one is drawn per sample and epoch, seeded); rewards come from
+        ``json["rewards_by_caption"][source]`` when the json has them for that source, else from
+        ``json["rewards"]``."""
         meta = parse_json(meta_bytes, where) if meta_bytes is not None else {}
         if txt is not None:
             try:
@@ -115,7 +202,6 @@ class RowBuilder:
                 raise SampleError("bad_txt", f"{where}: txt member is not UTF-8") from None
         else:
             txt_s = None
-        source = self._pick_caption(i, epoch)
         caption = choose_caption(txt_s, meta, source, where)
         by_cap = meta.get("rewards_by_caption")
         if isinstance(by_cap, dict) and isinstance(by_cap.get(source), dict):
@@ -135,20 +221,14 @@ class RowBuilder:
                                   f"embedding length {emb.shape[0]}")
         else:
             mask = np.ones(emb.shape[0], dtype=bool)
-        L = self.max_text_len
-        out = np.zeros((L, emb.shape[1]), dtype=np.float32)
-        m = np.zeros(L, dtype=bool)
-        n = min(L, emb.shape[0])
-        out[:n] = emb[:n]
-        m[:n] = mask[:n]
-        return out, m
-
+        n = min(self.max_text_len, emb.shape[0])  # padded per batch here, to max_text_len on the device
+        return _float_array(emb[:n]), mask[:n]
 
     def _row(self, get, exts, where: str, i: int, epoch: int) -> dict:
         """One sample's arrays. ``get(ext)`` returns a member's bytes or None; ``exts`` lists the
         members present; ``i`` seeds per-sample randomness (caption choice, latent noise)."""
-        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, i, epoch)
         source = self._pick_caption(i, epoch)
+        caption, rewards = self._text_and_rewards(get(TEXT_EXT), get(JSON_EXT), where, source)
         s = {"caption": caption, "rewards": rewards}
         if self.mode == "image":
             ext = image_ext(exts)
@@ -160,13 +240,13 @@ class RowBuilder:
             mean_b = get(LATENT_MEAN_EXT)
             if mean_b is None:
                 raise SampleError("missing_latent_mean", f"{where}: no .{LATENT_MEAN_EXT} member")
-            mean = _load_npy(mean_b, where, LATENT_MEAN_EXT).astype(np.float32)
+            mean = _float_array(_load_npy(mean_b, where, LATENT_MEAN_EXT))
             s["latents"] = mean
             if self.latent_std:
                 std_b = get(LATENT_STD_EXT)
                 if std_b is None:
                     raise SampleError("missing_latent_std", f"{where}: no .{LATENT_STD_EXT} member")
-                std = _load_npy(std_b, where, LATENT_STD_EXT).astype(np.float32)
+                std = _float_array(_load_npy(std_b, where, LATENT_STD_EXT))
                 if std.shape != mean.shape:
                     raise SampleError("bad_npy", f"{where}: latent std shape {std.shape} != mean "
                                       f"shape {mean.shape}")
@@ -180,11 +260,13 @@ class RowBuilder:
         return s
 
     def _collate(self, rows: list, keys: list, wheres: list, stats: Counter, messages: list) -> dict:
-        """Stack rows; a row whose array shapes differ from the batch's first row is dropped
-        (counted as ``shape_mismatch``) rather than failing the batch."""
+        """Stack rows into tensors (in shared memory when run in a DataLoader worker); a row whose
+        array shapes differ from the batch's first row is dropped (counted as ``shape_mismatch``)
+        rather than failing the batch. Text embeddings are padded to the batch's longest."""
         if rows:
-            ref = {n: rows[0][n].shape for n in ("image", "latents", "text_embeddings") if n in rows[0]}
-            keep = [j for j, r in enumerate(rows) if all(r[n].shape == sh for n, sh in ref.items())]
+            ref = {n: _shape_key(n, rows[0][n]) for n in ("image", "latents", "text_embeddings")
+                   if n in rows[0]}
+            keep = [j for j, r in enumerate(rows) if all(_shape_key(n, r[n]) == sh for n, sh in ref.items())]
             for j in sorted(set(range(len(rows))) - set(keep)):
                 stats["shape_mismatch"] += 1
                 messages.append(f"{wheres[j]}: array shapes differ from the rest of its batch "
@@ -193,30 +275,31 @@ class RowBuilder:
             keys[:] = [keys[j] for j in keep]
             wheres[:] = [wheres[j] for j in keep]
         out = {"keys": keys, "where": wheres, "text": [r["caption"] for r in rows],
-               "rewards": (np.stack([r["rewards"] for r in rows]) if rows
-                           else np.zeros((0, len(self.reward_keys)), np.float32))}
-        for name in ("image", "latents", "latents_std", "text_embeddings", "text_mask"):
+               "rewards": (_stack([r["rewards"] for r in rows]) if rows
+                           else torch.zeros((0, len(self.reward_keys))))}
+        for name in ("image", "latents", "latents_std"):
             if rows and name in rows[0]:
-                out[name] = np.stack([r[name] for r in rows])
+                out[name] = _stack([r[name] for r in rows])
+        if rows and "text_embeddings" in rows[0]:
+            out["text_embeddings"] = _stack([r["text_embeddings"] for r in rows])
+            out["text_mask"] = _stack([r["text_mask"] for r in rows], fill=False)
         if not rows and self.mode == "image":
-            out["image"] = np.zeros((0, 3, self.resolution, self.resolution), np.uint8)
+            out["image"] = torch.zeros((0, 3, self.resolution, self.resolution), dtype=torch.uint8)
         return out
 
     def _to_torch(self, a: dict) -> dict:
-        out = {"keys": a["keys"], "where": a["where"], "text": a["text"],
-               "rewards": torch.from_numpy(a["rewards"])}
+        """In the main process: images to float in [-1, 1]; pinned when ``pin_memory``."""
+        out = dict(a)
         if "image" in a:
-            img = torch.from_numpy(a["image"])  # uint8 [B, 3, H, W]
-            out["image"] = img.float().div_(127.5).sub_(1.0)
-        for name in ("latents", "latents_std"):
-            if name in a:
-                out[name] = torch.from_numpy(a[name])
-        if "text_embeddings" in a:
-            out["text_embeddings"] = torch.from_numpy(a["text_embeddings"])
-            out["text_mask"] = torch.from_numpy(a["text_mask"])
+            out["image"] = a["image"].float().div_(127.5).sub_(1.0)  # uint8 [B, 3, H, W]
         if getattr(self, "pin_memory", False) and torch.cuda.is_available():
             out = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in out.items()}
         return out
+
+
+def _shape_key(name: str, a: np.ndarray) -> tuple:
+    """What must match across a batch: the whole shape, or for text embeddings the width only."""
+    return a.shape[1:] if name == "text_embeddings" else a.shape
 
 
 class PlannedLoader(RowBuilder):
@@ -430,8 +513,8 @@ class WebDatasetLoader(PlannedLoader):
             kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
         dl = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity,
                                          num_workers=self.num_workers, pin_memory=False, **kw)
-        for b, arrays, stats, messages in dl:
-            yield b, self._to_torch(arrays), stats, messages
+        for b, batch, stats, messages in dl:
+            yield b, self._to_torch(batch), stats, messages
 
     def _load_sample(self, i: int, reader: MemberReader, epoch: int) -> dict:
         get, mem, where = self._member_getter(i, reader)

@@ -188,18 +188,18 @@ class WdsStreamLoader(RowBuilder):
         ds = _WorkerStream(self, self.epoch, self.consumed, rotate)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity,
                                          num_workers=self.num_workers)
-        for w, b, arrays, stats, messages in dl:
+        for w, b, batch, stats, messages in dl:
             if b != self.consumed[w]:
                 raise RuntimeError(f"worker {w} produced batch {b} where {self.consumed[w]} was due")
             self.consumed[w] += 1
             self.stats.update(stats)
             for m in messages:
                 self._warn(m)
-            if not arrays["keys"]:
+            if not batch["keys"]:
                 continue
-            self.stats["samples"] += len(arrays["keys"])
+            self.stats["samples"] += len(batch["keys"])
             self.stats["batches"] += 1
-            yield self._to_torch(arrays)
+            yield self._to_torch(batch)
         self.epoch += 1
         self.consumed = [0] * W
 

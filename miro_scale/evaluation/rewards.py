@@ -24,6 +24,7 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
 from miro_scale.evaluation.prompts import Prompt
+from miro_scale.rewards.base import prepare_views
 
 
 def reward_keys(names: str, flag: str = "--rewards") -> List[str]:
@@ -80,8 +81,8 @@ class RewardEvaluator:
         """images: [N, 3, H, W] in [-1, 1]; captions: one per image (None: no text). -> {key: [N]}"""
         pil = [to_pil_image(((img.float().cpu() + 1) / 2).clamp(0, 1)) for img in images]
         captions = captions or [""] * len(pil)
-        return {reward.key: torch.as_tensor(reward.score(reward.view.prepare(pil), captions),
-                                            dtype=torch.float32).cpu()
+        views = prepare_views(pil, [reward.view for reward in self.rewards])  # each view once per image
+        return {reward.key: torch.as_tensor(reward.score(views[reward.view.spec], captions), dtype=torch.float32).cpu()
                 for reward in self.rewards}
 
     def __call__(self, images: torch.Tensor, captions: Optional[List[str]]) -> Dict[str, float]:

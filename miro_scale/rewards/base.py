@@ -15,6 +15,7 @@ tensor views, or a list of uint8 HxWx3 numpy arrays for the "pixels" view.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
@@ -48,19 +49,28 @@ class View:
     std: tuple = OPENAI_STD
     jpeg_quality: Optional[int] = None
 
+    @property
+    def spec(self) -> tuple:
+        """What the output depends on (not the name): views with equal specs are one computation."""
+        return (self.mode, self.size, tuple(self.mean), tuple(self.std), self.jpeg_quality)
+
+    @property
+    def _pixels_key(self) -> tuple:
+        """What the resized uint8 pixels depend on (views differing only in normalisation share them)."""
+        fill = tuple(self.mean) if self.mode == "pad_mean" else None
+        return (self.jpeg_quality, self.mode, self.size, fill)
+
     def one(self, img: Image.Image):
-        img = img.convert("RGB")
-        if self.jpeg_quality is not None:
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=self.jpeg_quality)
-            img = Image.open(buf).convert("RGB")
+        return compute_views(img, [self])[self.spec]
+
+    def _pixels(self, img: Image.Image) -> np.ndarray:
+        """The view's geometry on an RGB image (already JPEG re-encoded when asked): uint8 HxWx3."""
         if self.mode == "pixels":
             w, h = img.size
             s = self.size / max(w, h)
             if s < 1:
                 img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-        if self.mode == "center_crop":
+        elif self.mode == "center_crop":
             # torchvision Resize(size) + CenterCrop(size) on a PIL image, as CLIP, BLIP/ImageReward and the
             # aesthetic predictor preprocess: the short side becomes `size`, the long side
             # int(size * long / short) (floored), bicubic with PIL's antialiasing; the crop offset is
@@ -91,19 +101,69 @@ class View:
             img = canvas.resize((self.size, self.size), Image.BICUBIC)
         else:
             raise ValueError(f"View {self.name!r}: unknown mode {self.mode!r}")
-        # numpy, not torch: this runs in decode threads, where torch's intra-op thread pool only contends
-        a = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        return np.asarray(img, dtype=np.uint8)
+
+    def _normalize(self, pixels: np.ndarray):
+        """uint8 HxWx3 -> float (3, H, W), (x / 255 - mean) / std; the "pixels" view stays uint8.
+
+        Through a 256-entry table per channel, filled with the same float32 operations, so the
+        values are bit-identical to computing them per pixel at a third of the cost. numpy, not
+        torch: this runs in decode threads, where torch's intra-op thread pool only contends."""
+        if self.mode == "pixels":
+            return pixels
+        lut = _normalize_table(tuple(self.mean), tuple(self.std))
+        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return torch.from_numpy(np.stack([lut[c][chw[c]] for c in range(3)]))
 
     def prepare(self, images: Sequence[Image.Image]):
-        items = [self.one(im) for im in images]
-        return self.collate(items)
+        return prepare_views(images, [self])[self.spec]
 
     def collate(self, items: list):
         if self.mode == "pixels":
             return list(items)
         return torch.stack(items) if items else torch.empty(0, 3, self.size, self.size)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
+    """[3, 256] float32: channel c of uint8 value u -> (u / 255 - mean[c]) / std[c], as View computed it."""
+    a = np.arange(256, dtype=np.uint8).astype(np.float32)[:, None] / np.float32(255.0)
+    return np.ascontiguousarray(((a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).T)
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(buf).convert("RGB")
+
+
+def compute_views(img: Image.Image, views: Sequence[View]) -> dict:
+    """Every distinct view of one image, keyed by ``View.spec``, each computed once whatever number
+    of rewards share it, and sharing the work views have in common: the RGB conversion, one JPEG
+    re-encode per quality, the resized pixels of views that differ only in normalisation."""
+    img = img.convert("RGB")
+    jpegs: dict = {}
+    pixels: dict = {}
+    out: dict = {}
+    for v in views:
+        if v.spec in out:
+            continue
+        q = v.jpeg_quality
+        if q is not None and q not in jpegs:
+            jpegs[q] = _jpeg(img, q)
+        key = v._pixels_key
+        if key not in pixels:
+            pixels[key] = v._pixels(img if q is None else jpegs[q])
+        out[v.spec] = v._normalize(pixels[key])
+    return out
+
+
+def prepare_views(images: Sequence[Image.Image], views: Sequence[View]) -> dict:
+    """Batches of every distinct view of ``images``, keyed by ``View.spec`` (each view once per
+    image, however many rewards use it): ``{spec: view.collate(items)}``."""
+    per_image = [compute_views(im, views) for im in images]
+    distinct = {v.spec: v for v in views}
+    return {spec: v.collate([p[spec] for p in per_image]) for spec, v in distinct.items()}
 
 
 VIEWS = {

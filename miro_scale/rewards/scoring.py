@@ -5,11 +5,12 @@ shard i of the list goes to global rank i % WORLD_SIZE, ``{out}/{stem}.scores.pa
 atomically with a done record naming the source tar, so a rerun skips finished shards, a killed run
 loses at most the shards in flight, and another dataset's scores are never taken as done.
 
-Per sample the image is decoded once; each preprocessing View needed by the active rewards is
-computed once and shared. Rewards that need text encode each image batch once and score every
-caption source against the same image features. Broken images, captions or reward failures become
-rows with a status, never a crash; an unreadable or truncated tar fails its shard (retried by the
-next run).
+Per sample the image is decoded once; each distinct preprocessing View needed by the active rewards
+(by content, ``View.spec``, not name) is computed once and shared by every reward that uses it, and
+views share their common steps (``compute_views``). Rewards that need text encode each image batch
+once and score every caption source against the same image features. Broken images, captions or
+reward failures become rows with a status, never a crash; an unreadable or truncated tar fails its
+shard (retried by the next run).
 
 Output columns: key, status ("ok" or a ";"-joined list of failure kinds), error (first message or
 null), then one float32 column per reward (NaN where it could not be computed). A caption-dependent
@@ -44,7 +45,7 @@ from miro_scale.data.sidecars import (count_index_problems, iter_members, open_s
                                       sample_captions, sample_meta)
 
 from . import units
-from .base import Reward, View
+from .base import Reward, View, compute_views
 from .precision import DTYPES, load_policy
 from .precision import resolve as resolve_precision
 from .registry import build_reward, canonical_key
@@ -96,7 +97,7 @@ def _rows_to_table(rows: Dict[str, list], reward_cols: List[str], meta: dict, sc
 @dataclass
 class Prepared:
     key: str
-    views: Dict[str, object]
+    views: Dict[tuple, object]  # View.spec -> the view of this sample's image
     captions: Dict[str, Optional[str]]
     failures: List[str]
     error: Optional[str]
@@ -108,7 +109,7 @@ def _prepare(key: str, members: dict, where: str, views: Sequence[View], caption
     from miro_scale.data.format import SampleError, clean_caption, image_ext
     failures: List[str] = []
     error: Optional[str] = None
-    out_views: Dict[str, object] = {}
+    out_views: Dict[tuple, object] = {}
     try:
         meta = sample_meta(members, where, sidecar_captions)
     except SampleError as e:
@@ -130,8 +131,7 @@ def _prepare(key: str, members: dict, where: str, views: Sequence[View], caption
         return Prepared(key, {}, caps, failures, error)
     try:
         img = decode_image(members[ext], where, min_size=min_size)
-        for v in views:
-            out_views[v.name] = v.one(img)
+        out_views = compute_views(img, views)
     except SampleError as e:
         failures.append(e.reason)
         error = error or str(e)
@@ -186,10 +186,7 @@ class ShardScorer:
         self.rewards = list(rewards)
         self.cfg = cfg
         self.device = device
-        views = {}
-        for r in self.rewards:
-            views.setdefault(r.view.name, r.view)
-        self.views = list(views.values())
+        self.views = list({r.view.spec: r.view for r in self.rewards}.values())
         self.min_size = (max(v.size for v in self.views) if self.views else 0) if cfg.draft_decode else None
         self.sources = sources_to_read(cfg)
         self.cols = reward_columns(self.rewards, cfg.caption_sources, cfg.caption_for)
@@ -213,7 +210,7 @@ class ShardScorer:
     def _run_reward(self, r: Reward, items: List[Prepared], rows: Dict[str, list], base: int,
                     timing: Dict[str, list]):
         srcs = reward_sources(r, self.cfg.caption_sources, self.cfg.caption_for)
-        valid = [i for i, p in enumerate(items) if r.view.name in p.views]
+        valid = [i for i, p in enumerate(items) if r.view.spec in p.views]
         if r.needs_text:
             # bucket by caption length (first available source) so batches pad little
             def clen(i):
@@ -239,7 +236,7 @@ class ShardScorer:
 
     @torch.no_grad()
     def _score_batch(self, r: Reward, items, idx, srcs, rows, base):
-        imgs = r.view.collate([items[i].views[r.view.name] for i in idx])
+        imgs = r.view.collate([items[i].views[r.view.spec] for i in idx])
         if isinstance(imgs, torch.Tensor):
             imgs = imgs.to(self.device, non_blocking=True)
         with self.autocast(r):

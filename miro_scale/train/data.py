@@ -14,16 +14,18 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from miro_scale.config import MiroConfig
+from miro_scale.data.loader import device_batch
 from miro_scale.data.synthetic_tensors import SyntheticLatentDataset, collate
 from miro_scale.models.encoders import autoencoder_from_config, text_encoder_from_config
 
 
 class EpochBatchStream:
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device = torch.device("cpu")):
         if len(dataset) < batch_size * world_size:
             raise ValueError(f"dataset has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({batch_size} x {world_size} processes)")
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.dataset, self.batch_size, self.seed, self.device = dataset, batch_size, seed, device
         self.num_samples = len(dataset)
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0  # position counts this rank's batches within the epoch
@@ -47,6 +49,8 @@ class EpochBatchStream:
             return next(self)
         self.position += 1
         indices = self._epoch_order()[chunk * self.batch_size:(chunk + 1) * self.batch_size]
+        if hasattr(self.dataset, "batch"):  # synthetic tensors: made at once on the device, seeded per chunk
+            return self.dataset.batch(indices, self.device, seed=self.seed * 1_000_003 + 7919 * self.epoch + chunk)
         return collate([self.dataset[int(i)] for i in indices])
 
     def preview_prompts(self, count: int) -> Dict[str, torch.Tensor]:
@@ -88,6 +92,7 @@ class ShardBatchStream:
         self.loader = make_loader(d.loader, d.shards, cfg.train.micro_batch_size, **kwargs)
         self.num_samples = getattr(self.loader, "num_samples", None)
         self.device = device
+        self.max_text_len = d.max_text_len
         self.autoencoder = None
         self.autoencoder = autoencoder_from_config(cfg, device) if d.mode == "image" else None
         # captions are encoded to data.max_text_len tokens (256: the release trains on up to 256)
@@ -102,9 +107,13 @@ class ShardBatchStream:
 
     @torch.no_grad()
     def to_training_batch(self, batch: Dict) -> Dict[str, torch.Tensor]:
+        """The trainer's batch, on the device: the loader hands over compact host tensors (stored
+        fp16, text padded to the batch's longest caption); the cast to float32 and the padding to
+        data.max_text_len happen there (device_batch)."""
+        batch = device_batch(batch, self.device, self.max_text_len)
         out = {"rewards": batch["rewards"]}
         if self.autoencoder is not None:
-            mean, std = self.autoencoder.encode(batch["image"].to(self.device))
+            mean, std = self.autoencoder.encode(batch["image"])
             out["latents"], out["latents_std"] = mean, std
         else:
             out["latents"] = batch["latents"]
@@ -144,7 +153,7 @@ class ShardBatchStream:
 def build_batch_stream(cfg: MiroConfig, rank: int, world_size: int, device: torch.device):
     if cfg.data.source == "shards":
         return ShardBatchStream(cfg, rank, world_size, device)
-    return EpochBatchStream(build_dataset(cfg), cfg.train.micro_batch_size, cfg.train.seed, rank, world_size)
+    return EpochBatchStream(build_dataset(cfg), cfg.train.micro_batch_size, cfg.train.seed, rank, world_size, device)
 
 
 def build_dataset(cfg: MiroConfig):

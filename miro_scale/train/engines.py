@@ -11,7 +11,7 @@ all three engines:
   and clipping. Stage 0 keeps fp32 parameters with the client optimizer untouched (bf16 comes
   from the trainer's autocast) and skips non-finite steps through the optimizer's .overflow;
   stages 1-3 use DeepSpeed's bf16 mode, whose overflow check skips them, and hand the optimizer
-  flat partitions: LAMB under ZeRO 1/2 is optim.ShardedLamb, exact (ZeRO-3: AdamW, see config).
+  flat partitions, whose slices of each parameter optim.Lamb is told (exact LAMB).
 
 Every engine gives and takes its state (`state_dict` / `load_state_dict`) in one layout, that of
 torch.distributed.checkpoint.state_dict: {"model": {name: tensor}, "optimizer": {"state": {name:
@@ -20,9 +20,8 @@ train/checkpoint.py writes one format for all of them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ import torch.nn as nn
 from miro_scale.config import MiroConfig
 from miro_scale.models import parallelize
 from miro_scale.models.parallelize import canonical_name
-from miro_scale.train.optim import ShardedLamb, build_optimizer, build_scheduler
+from miro_scale.train.optim import Lamb, build_optimizer, build_scheduler
 
 
 def copy_loaded(targets: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor]) -> None:
@@ -43,8 +42,9 @@ def copy_loaded(targets: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor
 
 @dataclass
 class StepResult:
-    grad_norm: float
-    skipped: bool
+    """Device tensors: the trainer reads them at log steps only, so a step never waits on the GPU."""
+    grad_norm: torch.Tensor  # 0-dim, before clipping
+    skipped: torch.Tensor  # 0-dim bool: a non-finite gradient left weights and moments as they were
 
 
 def torch_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> Dict:
@@ -95,12 +95,17 @@ class LocalEngine:
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     def step(self) -> StepResult:
-        norm = self._grad_norm()
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        skipped = not math.isfinite(norm)
-        if not skipped:  # like DeepSpeed: a skipped step advances neither weights nor schedule
-            self.optimizer.step()
-            self.scheduler.step()
+        norm = self._grad_norm()  # the step's one norm pass; clipping used it
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        skipped = ~torch.isfinite(norm)
+        # torch's convention for fused optimizers (GradScaler sets the same attribute), which LAMB and
+        # fused AdamW follow: the step is a no-op on the device where found_inf is 1, and the host
+        # never waits
+        self.optimizer.found_inf = skipped.float()
+        self.optimizer.step()
+        # The schedule follows the step count, skipped steps included: knowing which were skipped
+        # on the host would take a sync per step.
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, skipped)
 
@@ -157,15 +162,24 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
             "gradient_accumulation_steps": accumulation,
             "train_batch_size": cfg.train.global_batch_size,
-            "gradient_clipping": cfg.optim.grad_clip,
-            "zero_optimization": {"stage": zero},
+            # ZeRO-0: the engine clips with the norm it computes anyway (one norm pass per step)
+            "gradient_clipping": cfg.optim.grad_clip if zero >= 1 else 0.0,
+            "zero_optimization": {
+                "stage": zero, "overlap_comm": cfg.engine.zero_overlap_comm,
+                "reduce_bucket_size": cfg.engine.zero_bucket_elements,
+                # each rank's slice of a bucket reduced to that rank (a reduce-scatter's volume), not
+                # the whole bucket all-reduced (twice that): buckets of 25M elements are large enough
+                "use_multi_rank_bucket_allreduce": False,
+                # LAMB's per-group step counter needs each group stepped once (one ZeRO-3 sub-group)
+                "sub_group_size": 10 ** 12},
+            "communication_data_type": cfg.engine.zero_reduce_dtype,
             "bf16": {"enabled": zero >= 1 and cfg.train.precision == "bf16"},
             "steps_per_print": 10 ** 9,
-            # DeepSpeed vouches for its own optimizers only; ShardedLamb's parity with one-process
-            # LAMB is tested in tests/test_distributed.py
+            # DeepSpeed vouches for its own optimizers only; our LAMB's parity with one-process
+            # LAMB on partitions is tested in tests/test_distributed.py
             "zero_allow_untested_optimizer": True,
         }
-        optimizer = build_optimizer(model, cfg.optim, skip_non_finite=zero == 0, partitioned=zero >= 1)
+        optimizer = build_optimizer(model, cfg.optim, skip_non_finite=zero == 0)
         names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
         # ZeRO 1-3 hand the optimizer flat partitions: the checkpoint layout and LAMB's trust ratio
         # need the parameters per group.
@@ -176,19 +190,39 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.steps))
         self.module = self.engine.module
         self._skipped_before = 0
-        if isinstance(optimizer, ShardedLamb):
-            optimizer.shard(self._partition_slices(), [len(g) for g in self._group_params],
+        if zero >= 1 and isinstance(optimizer, Lamb):
+            optimizer.shard(self._partition_locator(), [len(g) for g in self._group_params],
                             self.optimizer.dp_process_group)
 
-    def _partition_slices(self) -> Dict[int, Tuple[int, List[Tuple[int, int, int]]]]:
-        """ZeRO 1/2: id(this rank's flat partition) -> (parameter group, [(parameter index in the
-        group, start, length)])."""
+    def _partition_locator(self) -> Callable[[torch.Tensor], Tuple[int, List[Tuple[int, int, int]]]]:
+        """For LAMB's trust ratio: a flat fp32 partition of this rank -> (its parameter group,
+        [(parameter index in the group, start in the partition, length)]). Flats are matched by
+        identity when stepped, as DeepSpeed may rebuild them after initialisation."""
         zero = self.optimizer
         index = {id(p): i for params in self._group_params for i, p in enumerate(params)}
-        return {id(flat): (g, [(index[id(p)], p._hp_mapping.hp_fragment_address.start,
-                                p._hp_mapping.hp_fragment_address.numel)
-                               for p in zero.bit16_groups[g] if p._hp_mapping is not None])
-                for g, flat in enumerate(zero.single_partition_of_fp32_groups)}
+        if self.cfg.engine.zero_stage < 3:
+            slices = [(g, [(index[id(p)], p._hp_mapping.hp_fragment_address.start,
+                            p._hp_mapping.hp_fragment_address.numel)
+                           for p in zero.bit16_groups[g] if p._hp_mapping is not None])
+                      for g in range(len(zero.single_partition_of_fp32_groups))]
+            return lambda flat: slices[_position(flat, zero.single_partition_of_fp32_groups)]
+        # ZeRO-3 partitions every parameter on its own: rank r holds elements [r*n, (r+1)*n) of each
+        # (n = partition_numel(), the last rank's padded), and a sub-group's flat concatenates them.
+        if len(zero.fp16_groups) != len(self._group_params):  # sub_group_size is set above the model's size
+            raise RuntimeError("LAMB under ZeRO-3 needs one sub-group per parameter group (the group step "
+                               "counter and the trust ratios are per group)")
+        slices = []
+        for sub_group, params in enumerate(zero.fp16_groups):
+            rank = dist.get_rank(group=zero.sub_group_process_groups[sub_group])
+            segments, offset = [], 0
+            for p in params:
+                n = p.partition_numel()
+                valid = min(n, p.ds_numel - rank * n)
+                if valid > 0:
+                    segments.append((index[id(p)], offset, valid))
+                offset += n
+            slices.append((zero.sub_group_to_group_id[sub_group], segments))
+        return lambda flat: slices[_position(flat, zero.fp32_partitioned_groups_flat)]
 
     @property
     def forward_module(self) -> nn.Module:
@@ -204,15 +238,22 @@ class DeepSpeedEngine:
             self.engine.step()  # only counts the micro-batch; the update happens at the boundary
 
     def step(self) -> StepResult:
-        stage0_norm = None
+        device = next(self.module.parameters()).device
+        norm = None
         if self.cfg.engine.zero_stage == 0:  # whole, already averaged gradients: DeepSpeed reports no norm
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            stage0_norm = float(torch.nn.utils.get_total_norm(grads))
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            max_norm = self.cfg.optim.grad_clip
+            norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0
+                    else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            self.optimizer.non_finite = ~torch.isfinite(norm)  # SkipNonFinite: DeepSpeed's overflow flag
         self.engine.step()
-        norm = stage0_norm if stage0_norm is not None else self.engine.get_global_grad_norm()
+        if norm is None:  # ZeRO 1-3: the norm DeepSpeed clipped with
+            norm = self.engine.get_global_grad_norm()
+            norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=device)
+        # DeepSpeed decides a skip on the host (its overflow flag) and has synced for it already.
         skipped = self.engine.skipped_steps > self._skipped_before
         self._skipped_before = self.engine.skipped_steps
-        return StepResult(float("nan") if norm is None else float(norm), skipped)
+        return StepResult(norm, torch.full((), skipped, dtype=torch.bool, device=device))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -369,6 +410,10 @@ class DeepSpeedEngine:
             piece = flat[rank * n:(rank + 1) * n]
             chunk[: piece.numel()] = piece
             part.copy_(chunk)
+
+
+def _position(tensor: torch.Tensor, candidates: List[torch.Tensor]) -> int:
+    return next(i for i, candidate in enumerate(candidates) if candidate is tensor)
 
 
 ENGINES = {"local": LocalEngine, "fsdp": FSDP2Engine, "deepspeed": DeepSpeedEngine}

@@ -10,9 +10,10 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from miro_scale.config import MiroConfig, config_to_dict
 
@@ -74,6 +75,32 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class DeviceSums:
+    """Named scalars summed on the device between log steps: add() only queues a few tiny kernels and
+    never waits for the GPU; read() is the one host sync (and, across ranks, the one all-reduce)."""
+
+    def __init__(self, names: Sequence[str], device: torch.device):
+        self.names = tuple(names)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+
+    def add(self, values: Dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([values[n].detach().reshape(()).to(torch.float64) for n in self.names])
+
+    def peek(self, mean_over_ranks: bool = False) -> Dict[str, float]:
+        sums = self.sums
+        if mean_over_ranks and dist.is_initialized():
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        return dict(zip(self.names, sums.tolist()))
+
+    def read(self, mean_over_ranks: bool = False) -> Dict[str, float]:
+        """The sums since the last read (averaged over ranks), then zero; collective when averaging."""
+        values = self.peek(mean_over_ranks)
+        self.sums.zero_()
+        return values
 
 
 def memory_gib(device: torch.device) -> float:

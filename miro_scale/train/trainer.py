@@ -1,7 +1,9 @@
 """The training loop: model, loss and data know nothing of how they are distributed.
 
 Each optimizer step: `accumulation` micro-batches through the engine's backward, then the engine's
-step (clip, skip if non-finite, LAMB, schedule), then the EMA. Rank 0 reports through
+step (clip, skip if non-finite, LAMB, schedule), then the EMA. A step never waits for the device:
+batches arrive prefetched (train/prefetch.py), loss, gradient norm and skips are summed on the device
+and read at log steps only (train.log_every), where non-finite runs are also caught. Rank 0 reports through
 train/metrics.py (a log line, JSONL, TensorBoard, W&B); preview samples go to callbacks (reward
 curves); checkpoints (train/checkpoint.py) are atomic and resumable (model, optimizer, scheduler,
 EMA, RNG states, data position, step), periodic and on SIGTERM/SIGUSR1 (SLURM preemption).
@@ -27,9 +29,10 @@ from miro_scale.models.flops import training_flops_per_sample
 from miro_scale.train import previews
 from miro_scale.models import parallelize
 from miro_scale.train.engines import build_engine
-from miro_scale.train.metrics import Metrics, memory_gib
+from miro_scale.train.metrics import DeviceSums, Metrics, memory_gib
 from miro_scale.train.optim import EMA
 from miro_scale.train.ownership import RunOwner
+from miro_scale.train.prefetch import Prefetcher
 from miro_scale.train.preflight import preflight
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
@@ -69,7 +72,7 @@ def text_tokens(cfg: MiroConfig) -> int:
     """Text tokens per training sample (for FLOP counts)."""
     if cfg.data.source == "synthetic_tensors":
         return cfg.data.text_len
-    return cfg.data.max_text_len if cfg.data.precomputed_text else cfg.text_encoder.max_length
+    return cfg.data.max_text_len  # precomputed or encoded on the fly, captions come padded to it
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
@@ -115,7 +118,7 @@ class Trainer:
         self.flops_per_sample = training_flops_per_sample(cfg, text_tokens(cfg))
         self.engine = build_engine(model, cfg, self.accumulation)
         self.ema = EMA(self.engine.local_parameters(), cfg.optim.ema_decay, cfg.optim.ema_start_step)
-        self.data = build_batch_stream(cfg, self.rank, self.world, self.device)
+        self.data = Prefetcher(build_batch_stream(cfg, self.rank, self.world, self.device), self.device)
         self.preview_prompts = self.decode = None
         if cfg.train.sample_every:
             self.preview_prompts = self.data.preview_prompts(cfg.train.sample_count)
@@ -124,8 +127,10 @@ class Trainer:
         # Noise, gamma and self-conditioning draws are seeded per data chunk (see train_step).
         self.generator = torch.Generator(self.device)
         self.step = 0
-        self.nonfinite_steps = 0
-        self.consecutive_nonfinite = 0
+        self.nonfinite_steps = 0  # as of the last read; the device holds the steps since
+        self.window = DeviceSums(("loss", "raw_loss", "grad_norm", "applied", "skipped"), self.device)
+        # consecutive skipped steps: [the run ending at the last step, the longest run since the last read]
+        self._runs = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.data_wait = 0.0  # seconds spent waiting for batches, since the last log step
         self._stop_signal: Optional[int] = None
         forward = self.engine.forward_module
@@ -169,7 +174,8 @@ class Trainer:
         checkpoint.write_rank_state(staging, self.rank, self.data.state_dict(), self._rng_state())
         self._barrier()
         if self.rank == 0:
-            checkpoint.commit(root, self.step, {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
+            nonfinite = self.nonfinite_steps + round(self.window.peek()["skipped"])
+            checkpoint.commit(root, self.step, {"step": self.step, "nonfinite_steps": nonfinite,
                                                 "world_size": self.world, "state": skeleton},
                               config_to_dict(self.cfg), self.cfg.train.keep_checkpoints)
         self._barrier()
@@ -194,14 +200,16 @@ class Trainer:
         self.nonfinite_steps = trainer_state["nonfinite_steps"]
 
     # -- one optimizer step ------------------------------------------------------------------
-    def train_step(self) -> Dict[str, float]:
+    def train_step(self) -> Optional[Dict[str, float]]:
+        """One optimizer step, queued without waiting for the device. On log steps (train.log_every)
+        the means since the last read are returned (read_metrics), else None."""
         dtype = PRECISIONS[self.cfg.train.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         self.forward_model.train()
-        total_loss, raw_loss = 0.0, 0.0
+        loss_sum = raw_sum = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
             waited = time.perf_counter()
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
+            batch = next(self.data)  # on the device already
             self.data_wait += time.perf_counter() - waited
             # Randomness tied to the data chunk (rank r serves chunks r, r + world, ...): the same
             # run gives the same draws on any number of ranks, and resuming needs no generator state.
@@ -211,26 +219,36 @@ class Trainer:
                 loss, metrics = flow_matching_loss(self.forward_model, batch, self.cfg.flow,
                                                    self.cfg.model.self_conditioning, self.generator)
             self.engine.backward(loss, last_micro_batch=micro == self.accumulation - 1)
-            total_loss += loss.item() / self.accumulation
-            raw_loss += metrics["raw_loss"].item() / self.accumulation
+            loss_sum = loss_sum + loss.detach().float()
+            raw_sum = raw_sum + metrics["raw_loss"].float()
         result = self.engine.step()
         self.step += 1
-        if dist.is_initialized():  # log the global mean, not rank 0's share
-            losses = torch.tensor([total_loss, raw_loss], dtype=torch.float64, device=self.comm_device)
-            dist.all_reduce(losses)
-            total_loss, raw_loss = (losses / self.world).tolist()
-        if result.skipped:
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
-                raise NonFiniteLossError(
-                    f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
-                    f"(last at step {self.step}); lower optim.lr or check the data")
-        else:
-            self.consecutive_nonfinite = 0
-            self.ema.update(self.engine.local_parameters(), self.step)
-        return {"loss": total_loss, "raw_loss": raw_loss, "grad_norm": result.grad_norm,
-                "lr": self.engine.lr(), "skipped": float(result.skipped)}
+        skipped = result.skipped
+        # A skipped step's loss and norm are non-finite: the logged means are over applied steps.
+        self.window.add({"loss": torch.where(skipped, 0.0, loss_sum / self.accumulation),
+                         "raw_loss": torch.where(skipped, 0.0, raw_sum / self.accumulation),
+                         "grad_norm": torch.where(skipped, 0.0, result.grad_norm.float()),
+                         "applied": ~skipped, "skipped": skipped})
+        run = (self._runs[0] + 1) * skipped
+        self._runs = torch.stack([run, torch.maximum(self._runs[1], run)])
+        # A skipped step left the weights as they were, so the EMA moves toward the same weights.
+        self.ema.update(self.engine.local_parameters(), self.step)
+        return self.read_metrics() if self.step % self.cfg.train.log_every == 0 else None
+
+    def read_metrics(self) -> Dict[str, float]:
+        """The means since the last read, on the host: a log step's sync (every rank calls it: the
+        loss is averaged over ranks). Raises after MAX_CONSECUTIVE_NONFINITE skipped steps in a row."""
+        sums = self.window.read(mean_over_ranks=True)
+        run, longest = self._runs.tolist()
+        self._runs[1] = run
+        self.nonfinite_steps += round(sums["skipped"])
+        if longest >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteLossError(
+                f"{int(longest)} consecutive steps had a non-finite loss or gradient (seen at step "
+                f"{self.step}); lower optim.lr or check the data")
+        applied = sums["applied"]
+        means = {k: sums[k] / applied if applied else float("nan") for k in ("loss", "raw_loss", "grad_norm")}
+        return {**means, "lr": self.engine.lr(), "skipped": sums["skipped"]}
 
     def throughput_metrics(self, steps: int, elapsed: float) -> Dict[str, float]:
         images_per_s = self.cfg.train.global_batch_size * steps / max(elapsed, 1e-9)
@@ -264,11 +282,15 @@ class Trainer:
     def _request_stop(self, signum, _frame) -> None:
         self._stop_signal = signum
 
-    def _stop_requested(self) -> bool:
-        """Any rank's signal stops every rank at the same step."""
+    def _stop_requested(self, log_step: bool) -> bool:
+        """Any rank's signal stops every rank at the same step: one process stops at once; ranks agree
+        at log steps (a collective and a host sync)."""
+        if not dist.is_initialized():
+            return self._stop_signal is not None
+        if not log_step:
+            return False
         flag = torch.tensor([self._stop_signal is not None], dtype=torch.int32, device=self.comm_device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def fit(self, max_steps: Optional[int] = None) -> Dict[str, float]:
@@ -284,7 +306,9 @@ class Trainer:
             tick, ticked_at, self.data_wait = time.perf_counter(), self.step, 0.0
             while self.step < end:
                 values = self.train_step()
-                if self.step % self.cfg.train.log_every == 0 or self.step == end:
+                if values is None and self.step == end:
+                    values = self.read_metrics()
+                if values is not None:
                     values.update(self.throughput_metrics(self.step - ticked_at, time.perf_counter() - tick))
                     values["nonfinite_steps"] = self.nonfinite_steps
                     metrics.log(self.step, values, end=end)
@@ -295,7 +319,7 @@ class Trainer:
                 periodic = self.step % self.cfg.train.checkpoint_every == 0 or self.step == end
                 if periodic:
                     self.save()
-                if self._stop_requested():
+                if self._stop_requested(log_step=values is not None):
                     if not periodic:
                         self.save()
                     metrics.print(f"stopped by signal {self._stop_signal or 'on another rank'} at step {self.step}, "
