@@ -37,6 +37,9 @@ def test_demo_writes_the_report_and_every_figure(demo):
         assert (work / "models" / name / "model.safetensors").exists()
         assert len(results["curves"][name]["step"]) >= 2
     assert results["cost"]["wall_s"] > 0 and results["cost"]["cpu_s"] > 0
+    # MIRO is also measured with reward CFG at its config's weight, beside the dials-alone comparison
+    assert set(results["miro_cfg"]["means"]) == set(results["keys"]) and results["miro_cfg"]["guidance"] > 0
+    assert f"miro, reward CFG w={results['miro_cfg']['guidance']:g}" in report
 
 
 def test_miro_rewards_respond_to_their_dials(demo):

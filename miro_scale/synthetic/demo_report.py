@@ -85,7 +85,8 @@ def evaluate(work: Path, preset, models: Mapping[str, str], keys: Sequence[str],
     evaluator = RewardEvaluator(keys)
     reference = training_scores(work / "scores", keys)
     prompts = evaluation_prompts(preset.eval_prompts, seed=seed + 1, vocab=vocabulary, resolution=preset.resolution)
-    gen = dict(batch_size=preset.batch_size, seed=seed + 12345, num_inference_steps=preset.sampling_steps)
+    gen = dict(batch_size=preset.batch_size, seed=seed + 12345, num_inference_steps=preset.sampling_steps,
+               guidance_scale=preset.guidance)
 
     # 1. reward curves over training: every kept checkpoint, one image per prompt, the same noise
     curves: Dict[str, Dict[str, List[float]]] = {}
@@ -121,6 +122,14 @@ def evaluate(work: Path, preset, models: Mapping[str, str], keys: Sequence[str],
     means_pct = {name: _percentiles(s, reference) for name, s in final.items()}
     for name in means_pct:
         means_pct[name][AGGREGATE] = mean_finite([means_pct[name][k] for k in keys])
+    # MIRO with reward CFG at its config's weight, the same prompts and noise: what guidance trades
+    cfg_weight = pipes["miro"].cfg.sampling.guidance_scale
+    with_cfg = _cached(cache / "final_miro_cfg.pt", lambda: generate_and_score(
+        pipes["miro"], prompts, evaluator, images_per_prompt=preset.images_per_prompt,
+        reward_targets=_targets("miro", specialist_reward), desc="final miro with reward CFG",
+        **dict(gen, guidance_scale=cfg_weight)))
+    miro_cfg = {"guidance": cfg_weight, "means": with_cfg.means(), "means_pct": _percentiles(with_cfg, reference)}
+    miro_cfg["means_pct"][AGGREGATE] = mean_finite([miro_cfg["means_pct"][k] for k in keys])
     categories = {name: category_summary(s.scores, s.categories, keys[0], alignment_ok) for name, s in final.items()}
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= preset.images_per_prompt]
 
@@ -171,7 +180,7 @@ def evaluate(work: Path, preset, models: Mapping[str, str], keys: Sequence[str],
         "vocabulary": vocabulary, "alignment_ok": alignment_ok, "levels": list(preset.levels), "ns": ns,
         "prompts": [p.text for p in prompts], "curves": curves, "means": means, "means_pct": means_pct,
         "categories": categories, "best_of_n": bon, "isolated": isolated, "joint": joint["result"],
-        "specialist_dial": special["result"],
+        "specialist_dial": special["result"], "guidance": preset.guidance, "miro_cfg": miro_cfg,
         "reference_means": {k: float(np.nanmean(v)) for k, v in reference.items()},
     }
     results["claims"] = {
@@ -238,6 +247,7 @@ def write_report(work: Path, results: Dict, cost: Dict) -> Path:
     (work / "results.json").write_text(json.dumps({**results, "cost": cost}, indent=2, default=float))
     short = [k.replace("_score", "") for k in keys]
     s = cost["settings"]
+    cfg_row = f"miro, reward CFG w={results['miro_cfg']['guidance']:g}"
     lines = [
         "# MIRO on the synthetic world: do the paper's claims reproduce?", "",
         f"Three models trained with the same seed, data and {s['steps']} steps on {s['samples']} synthetic "
@@ -245,7 +255,8 @@ def write_report(work: Path, results: Dict, cost: Dict) -> Path:
         f"**miro** conditioned on all four pixel rewards, and a **specialist** conditioned on "
         f"{results['specialist_reward']} alone. Evaluation: {len(results['prompts'])} GenEval-like prompts "
         f"(fresh scenes), {s['images_per_prompt']} images each, scored by the world's rewards; MIRO samples "
-        "with every dial at 1, the specialist with its dial at 1. Percentiles are of the training data's "
+        f"with every dial at 1, the specialist with its dial at 1, reward CFG weight {results['guidance']:g} "
+        "(section 2 shows MIRO with CFG too). Percentiles are of the training data's "
         "scores (0.5 = a typical training image).", "",
         "## The claims", "",
         "| claim | paper | here | verdict |", "|---|---|---|---|",
@@ -268,9 +279,12 @@ def write_report(work: Path, results: Dict, cost: Dict) -> Path:
         "## 2. Rewards of the final models", "",
         f"![radar]({results['figures']['radar']})", "",
         "Mean raw reward:", "",
-        summary_table(results["means"], keys), "",
+        summary_table({**results["means"], cfg_row: results["miro_cfg"]["means"]}, keys), "",
         "Mean percentile in the training data:", "",
-        summary_table(results["means_pct"], list(keys) + [AGGREGATE]), "",
+        summary_table({**results["means_pct"], cfg_row: results["miro_cfg"]["means_pct"]}, list(keys) + [AGGREGATE]),
+        "", f"What reward CFG (`{cfg_row}`) changes in MIRO's percentiles: " + ", ".join(
+            f"{n} {results['miro_cfg']['means_pct'][k] - results['means_pct']['miro'][k]:+.2f}"
+            for n, k in zip(short, keys)) + ".", "",
         f"GenEval-like accuracy (share of images with caption alignment >= {results['alignment_ok']}) per category:", "",
     ]
     cats = sorted({cat for v in results["categories"].values() for cat in v} - {"overall"}) + ["overall"]

@@ -61,6 +61,14 @@ def load_torch_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, s
     scheduler.load_state_dict(state["scheduler"])
 
 
+def clip_gradients(module: nn.Module, max_norm: float) -> torch.Tensor:
+    """The gradients' total norm, computed once, clipping them to max_norm with it (0: no clipping)."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 class LocalEngine:
     name = "local"
 
@@ -87,15 +95,8 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         (loss / self.accumulation).backward()
 
-    def _grad_norm(self) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = self.cfg.optim.grad_clip
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-
     def step(self) -> StepResult:
-        norm = self._grad_norm()  # the step's one norm pass; clipping used it
+        norm = clip_gradients(self.module, self.cfg.optim.grad_clip)  # the step's one norm pass
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         skipped = ~torch.isfinite(norm)
         # torch's convention for fused optimizers (GradScaler sets the same attribute), which LAMB and
@@ -241,10 +242,7 @@ class DeepSpeedEngine:
         device = next(self.module.parameters()).device
         norm = None
         if self.cfg.engine.zero_stage == 0:  # whole, already averaged gradients: DeepSpeed reports no norm
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            max_norm = self.cfg.optim.grad_clip
-            norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0
-                    else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            norm = clip_gradients(self.module, self.cfg.optim.grad_clip)
             self.optimizer.non_finite = ~torch.isfinite(norm)  # SkipNonFinite: DeepSpeed's overflow flag
         self.engine.step()
         if norm is None:  # ZeRO 1-3: the norm DeepSpeed clipped with

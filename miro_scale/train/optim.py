@@ -5,10 +5,10 @@ added to the Adam step before the trust ratio, no trust-ratio clipping, no optim
 clipping (the trainer clips), the trust ratio only where weight decay is on), written here on
 torch's foreach ops because the trust ratio's norms must be reduced in one collective when the
 parameters are sharded (FSDP2 DTensors, ZeRO partitions) and a non-finite step must be skipped on
-the device; timm's Lamb is the reference it is tested against. The groups are the release's: parameters of LayerNorm and
-RMSNorm modules and those named "bias" get neither; every other parameter of the network, the
-plain nn.Parameters included (learned latents, positional embeddings, registers, layer scales),
-and the whole loss-weighting head get both. The schedule's first update uses the full rate, as the
+the device; timm's Lamb is the reference it is tested against. The groups are the release's:
+parameters of LayerNorm and RMSNorm modules and those named "bias" get neither decay nor trust
+ratio; every other parameter of the network, the plain nn.Parameters included (learned latents,
+positional embeddings, registers, layer scales), and the whole loss-weighting head get both. The schedule's first update uses the full rate, as the
 release's did (Lightning steps its scheduler after the first optimizer step).
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Lamb(torch.optim.Optimizer):
       partition holds; each rank sums the squares of its slices per parameter and one all-reduce
       per group completes them (ColossalAI's distributed LAMB does the same for ZeRO-2).
 
-    Every step is a fixed number of foreach ops, however many parameters. A non-finite step is
+    Every step is a fixed number of foreach ops, however many parameters (on ZeRO partitions, plus
+    a loop over each partition's slices for the trust ratio). A non-finite step is
     skipped on the device as torch's fused optimizers do (`_step_supports_amp_scaling`: the caller
     sets `found_inf`, a 0-dim tensor; where it is 1, weights, moments and the step count stay as they
     were), so the host never waits. The state layout is timm's (group "step", exp_avg, exp_avg_sq).
@@ -103,7 +104,7 @@ class Lamb(torch.optim.Optimizer):
             step = group["step"] = group["step"].to(device)
             beta1, beta2 = group["betas"]
             beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
-            for p, w in zip(params, weights):
+            for p in params:
                 if not self.state[p]:
                     self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
             exp_avg = [_local(self.state[p]["exp_avg"]) for p in params]
