@@ -260,6 +260,7 @@ def fsdp_lamb_rank(rank, world, init_file, out):
     result = [p.full_tensor() for p in sharded]
     if rank == 0:
         torch.save({"weights": result, "all_reduces": counts.calls["all_reduce"]}, out)
+    dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     dist.destroy_process_group()
 
 
