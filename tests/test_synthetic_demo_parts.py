@@ -1,12 +1,10 @@
 """The pieces the demo is built from: world vocabularies and evaluation prompts, sample prediction
 and early-stopped sampling, pipelines from checkpoints, and generate-and-score with shared noise."""
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from miro_scale.config import config_from_dict
 from miro_scale.evaluation.generation import generate_and_score

@@ -86,7 +86,7 @@ def controllability(isolated: Mapping[str, Mapping[str, Dict]], keys: Sequence[s
     isolating = [k for k in rho if own[k] > cross[k]]
     reproduces = len(rising) * 2 > len(rho) and len(isolating) * 2 > len(rho)
     joint_rho = {k: v["spearman"] for k, v in (joint or {}).items()}
-    text = (f"Spearman rho (requested level vs measured) per dial: "
+    text = ("Spearman rho (requested level vs measured) per dial: "
             + ", ".join(f"{k.replace('_score', '')} {_fmt(r)}" for k, r in rho.items())
             + f"; {len(isolating)}/{len(rho)} dials move their own reward most")
     return {"spearman": rho, "own_move": own, "cross_move": cross, "rising": rising, "isolating": isolating,
