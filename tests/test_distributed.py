@@ -63,6 +63,17 @@ def losses(tmp_path, name):
     return [by_step[s] for s in sorted(by_step)]
 
 
+def test_workers_switch_deepspeeds_shared_memory_op_off():
+    """The stub the workers import reaches DeepSpeed (not torch, which ``import deepspeed.comm.torch
+    as m`` binds): with the op on, every DeepSpeed test compiled it and mapped shared memory."""
+    pytest.importorskip("deepspeed")
+    proc = subprocess.run([sys.executable, "-c", "import tests.deepspeed_cpu, sys; "
+                           "print(sys.modules['deepspeed.comm.torch'].build_shm_op())"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "None"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One-process runs, LAMB and AdamW, 5 steps each."""
