@@ -207,15 +207,25 @@ def alive(pid):
         return False
 
 
-def test_ranks_die_with_a_sigkilled_launcher_and_write_nothing_after(tmp_path):
-    cfg = write_config(tmp_path, "orphans", steps=100_000, train={"checkpoint_every": 1},
-                       engine={"kind": "fsdp", "fsdp_param_dtype": "fp32"})
-    launcher = subprocess.Popen(torchrun(cfg), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def deepspeed_runner(config, nproc=2):
+    return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), WORKER, "--config", str(config)]
+
+
+@pytest.mark.parametrize("launcher_kind", ["torchrun", "deepspeed"])
+def test_ranks_die_with_a_sigkilled_launcher_and_write_nothing_after(tmp_path, launcher_kind):
+    """torchrun starts the ranks; `deepspeed` starts deepspeed.launcher.launch, which starts them."""
+    engine = {"kind": "fsdp", "fsdp_param_dtype": "fp32"} if launcher_kind == "torchrun" else \
+        {"kind": "deepspeed", "zero_stage": 0}
+    cfg = write_config(tmp_path, "orphans", steps=100_000, train={"checkpoint_every": 1}, engine=engine)
+    command = torchrun(cfg) if launcher_kind == "torchrun" else deepspeed_runner(cfg)
+    launcher = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "orphans" / "checkpoints"
     while not (ckpts / "latest").exists() and launcher.poll() is None:
         time.sleep(0.05)
     ranks = children_of(launcher.pid)
-    assert len(ranks) == 2
+    if launcher_kind == "deepspeed":
+        ranks = [r for launch in ranks for r in children_of(launch)] + ranks
+    assert len(ranks) == (2 if launcher_kind == "torchrun" else 3)
     launcher.kill()
     launcher.wait()
     killed_at = time.monotonic()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,39 @@ def test_another_hosts_owner_is_not_guessed_at(tmp_path):
         RunOwner(tmp_path)
 
 
+def test_a_requeued_slurm_job_takes_its_directory_back_on_another_node(tmp_path, monkeypatch):
+    """#SBATCH --requeue restarts the job on any node once its first allocation ended; the same job's
+    other steps (same restart count) and other jobs stay refused."""
+    earlier = {"host": "node-a", "pid": 1, "started": "then", "slurm_job_id": "77", "slurm_restart_count": None}
+    (tmp_path / OWNER_FILE).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with pytest.raises(RunOwnedError, match="another host"):
+        RunOwner(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(RunOwnedError, match="another host"):
+        RunOwner(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    owner = RunOwner(tmp_path)
+    assert json.loads((tmp_path / OWNER_FILE).read_text())["slurm_restart_count"] == "1"
+    owner.release()
+
+
+@pytest.mark.parametrize("sbatch", sorted((ROOT / "launchers/slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_files_signal_every_rank_and_shield_the_launcher(sbatch):
+    """The step form of --signal (no B:) reaches the ranks; the launcher ignores SIGUSR1 across exec
+    (torchrun would die of it mid-checkpoint); a requeued job resumes; the script parses."""
+    text = sbatch.read_text()
+    assert "#SBATCH --signal=USR1@" in text and "B:USR1" not in text
+    assert "#SBATCH --requeue" in text
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert """bash -c 'trap "" USR1; exec "$@"'""" in srun
+    config = next(word for word in text.split() if word.startswith("configs/"))
+    assert (ROOT / config).is_file(), config
+    assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0
+
+
 def test_a_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_last_one(tmp_path, monkeypatch):
     trainer = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "run")})))
     trainer.train_step()
@@ -86,6 +120,27 @@ def test_a_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_last_one(
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000001"
     assert Trainer(trainer.cfg).step == 1
+
+
+@pytest.mark.parametrize("failing", ["rank state", "trainer.json"])
+def test_a_full_disk_after_the_tensors_names_the_cause_too(tmp_path, monkeypatch, failing):
+    trainer = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "run")})))
+    trainer.train_step()
+    trainer.save()
+    trainer.train_step()
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith("rank_" if failing == "rank state" else "trainer"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=r"no space left on the device while writing checkpoint .*train.output_dir"):
+        trainer.save()
+    monkeypatch.undo()
+    trainer.release()
+    assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000001"
 
 
 def test_sharded_engines_need_a_launcher(tmp_path):

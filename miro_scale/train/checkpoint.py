@@ -69,12 +69,13 @@ def prepare_staging(root: Path, step: int) -> Path:
 def commit(root: Path, step: int, trainer_state: Dict[str, Any], config: Dict[str, Any], keep: int) -> Path:
     """Rank 0 only, after every rank has written into the staging directory."""
     tmp, final = staging_dir(root, step), root / f"step_{step:08d}"
-    _write_json(tmp / TRAINER_FILE, trainer_state)
-    _write_json(tmp / "config.json", config)
-    if final.exists():  # the same step saved again (a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(root / LATEST_FILE, final.name)
+    with naming_a_full_disk(final):
+        _write_json(tmp / TRAINER_FILE, trainer_state)
+        _write_json(tmp / "config.json", config)
+        if final.exists():  # the same step saved again (a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / LATEST_FILE, final.name)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -244,15 +245,22 @@ def _single_process_quietly():
 def save_state(tree: Dict[str, Any], path: Path) -> Any:
     """Collective: the tensors of `tree` into path/state (DCP); returns the JSON rest."""
     flat, skeleton = split_tensors(tree)
+    with naming_a_full_disk(path), _single_process_quietly():
+        dcp.save(flat, checkpoint_id=str(Path(path) / STATE_DIR), no_dist=not dist.is_initialized())
+    return skeleton
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: Path):
+    """A full disk anywhere in a checkpoint write surfaces as ENOSPC naming the checkpoint and the
+    config key, not as DCP's or the C++ stream's own message (`basic_ios::clear: iostream error`)."""
     try:
-        with _single_process_quietly():
-            dcp.save(flat, checkpoint_id=str(Path(path) / STATE_DIR), no_dist=not dist.is_initialized())
+        yield
     except (Exception, CheckpointException) as err:
         if _is_disk_full(err):
             raise OSError(errno.ENOSPC, f"no space left on the device while writing checkpoint {path} "
                                         f"(train.output_dir): free space or lower train.keep_checkpoints") from err
         raise
-    return skeleton
 
 
 def _is_disk_full(err: Optional[BaseException]) -> bool:
@@ -305,9 +313,10 @@ def _placeholders(skeleton: Any) -> set:
 
 
 def write_rank_state(path: Path, rank: int, data: Dict[str, Any], rng: Dict[str, Optional[torch.Tensor]]) -> None:
-    _write_json(rank_file(path, rank), {
-        "data": data,
-        "rng": {k: None if v is None else base64.b64encode(v.numpy().tobytes()).decode() for k, v in rng.items()}})
+    with naming_a_full_disk(path):
+        _write_json(rank_file(path, rank), {
+            "data": data,
+            "rng": {k: None if v is None else base64.b64encode(v.numpy().tobytes()).decode() for k, v in rng.items()}})
 
 
 def read_rank_state(path: Path, rank: int) -> Tuple[Dict[str, Any], Dict[str, Optional[torch.Tensor]]]:

@@ -4,11 +4,15 @@ Two jobs writing one output directory corrupt each other's checkpoints (one prun
 other's `latest` names). Rank 0 creates output_dir/owner.json exclusively (host, pid, the pid's
 start time, when); a second writer is refused with the owner's details. A file left by a dead
 process on this host (pid gone, or reused by another process) is stale and taken over; one from
-another host cannot be checked from here and is only removed by hand.
+another host cannot be checked from here and is only removed by hand, unless it names this SLURM
+job: a requeued job (`#SBATCH --requeue`) restarts on any node after its first allocation ended.
 
 torchrun and the deepspeed launcher start each rank in its own session, so a launcher killed with
 SIGKILL leaves its ranks running on. Each rank asks the kernel for SIGKILL when its parent (the
-launcher) dies: no step and no checkpoint after the launcher is gone.
+launcher) dies: no step and no checkpoint after the launcher is gone. The `deepspeed` command is two
+launchers (the runner starts deepspeed.launcher.launch, which starts the ranks) and the kernel only
+watches the parent, so a rank also polls the launchers above its parent and ends itself when one is
+gone.
 """
 from __future__ import annotations
 
@@ -17,25 +21,44 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 OWNER_FILE = "owner.json"
 PR_SET_PDEATHSIG = 1
+LAUNCHER_COMMANDS = {"torchrun", "deepspeed"}
+LAUNCHER_MODULES = {"torch.distributed.run", "deepspeed.launcher.launch", "deepspeed.launcher.runner"}
+ANCESTOR_POLL_S = 0.5
 
 
 class RunOwnedError(RuntimeError):
     pass
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+def _stat(pid: int) -> Optional[list]:
+    """/proc/pid/stat from field 3 (state) on; the name in parentheses may hold spaces."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in parentheses may hold spaces
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    stat = _stat(pid)
+    return None if stat is None else stat[19]  # field 22
+
+
+def _is_launcher(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    if any(Path(arg).name in LAUNCHER_COMMANDS for arg in argv[:2]):  # `torchrun ...`, `python .../deepspeed ...`
+        return True
+    return any(a == "-m" and b in LAUNCHER_MODULES for a, b in zip(argv, argv[1:]))
 
 
 def _alive(owner: dict) -> bool:
@@ -54,7 +77,9 @@ class RunOwner:
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / OWNER_FILE
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                   "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while not self._create():
             owner = self._read()
@@ -63,14 +88,14 @@ class RunOwner:
                 continue
             if (owner.get("host"), owner.get("pid")) == (self.me["host"], self.me["pid"]):
                 return  # this process already owns it (a second Trainer in one process)
-            if owner.get("host") != self.me["host"] or _alive(owner):
+            if not _requeued_from(owner) and (owner.get("host") != self.me["host"] or _alive(owner)):
                 where = "" if owner.get("host") == self.me["host"] else " (another host: cannot check it from here)"
                 raise RunOwnedError(
                     f"{self.path.parent} (train.output_dir) is in use by pid {owner.get('pid')} on host "
                     f"{owner.get('host')}{where}, started {owner.get('started')}; two runs writing one directory "
                     f"destroy each other's checkpoints. Stop that run or choose another train.output_dir "
                     f"(if that process is gone, delete {self.path})")
-            self.path.unlink(missing_ok=True)  # stale: its process is dead
+            self.path.unlink(missing_ok=True)  # stale: its process is dead, or its allocation ended
 
     def _create(self) -> bool:
         try:
@@ -93,6 +118,13 @@ class RunOwner:
             self.path.unlink(missing_ok=True)
 
 
+def _requeued_from(owner: dict) -> bool:
+    """The owner is this SLURM job's earlier allocation: SLURM requeues a job only after it ended."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return job is not None and owner.get("slurm_job_id") == job and owner.get("slurm_restart_count") != \
+        os.environ.get("SLURM_RESTART_COUNT")
+
+
 def die_with_launcher() -> None:
     """Linux: SIGKILL this process when its parent (torchrun, the deepspeed launcher) dies."""
     if not hasattr(os, "getppid") or not Path("/proc/self").exists():
@@ -103,3 +135,19 @@ def die_with_launcher() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
+    above = []  # (pid, start time) of the launchers above the parent: the deepspeed runner
+    pid = int(_stat(parent)[1])
+    while pid > 1 and _is_launcher(pid):
+        above.append((pid, _start_time(pid)))
+        pid = int(_stat(pid)[1])
+    if above:
+        threading.Thread(target=_die_when_gone, args=(above,), name="launcher-watch", daemon=True).start()
+
+
+def _die_when_gone(launchers: list) -> None:
+    while True:
+        for pid, start in launchers:
+            stat = _stat(pid)
+            if stat is None or stat[0] == "Z" or stat[19] != start:
+                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(ANCESTOR_POLL_S)
