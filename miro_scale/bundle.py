@@ -259,12 +259,21 @@ def load(path_or_id: str, **resolve_kw) -> Tuple[MiroConfig, Dict[str, torch.Ten
     except ValueError as e:
         raise BundleError(f"{base / 'config.json'}: invalid JSON ({e})") from None
     weights = base / "model.safetensors"
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors' and numpy's errors do not name the file
+        raise BundleError(f"{weights}: not a readable safetensors file ({e})") from None
     sigma = float(doc.get("preconditioning", {}).get("sigma_data", 0.5))
     norm = None if "miro_scale" in doc else latent_norm_from(tensors, sigma, str(weights))
     cfg = config_from_release(doc, str(base / "config.json"), norm)
     state = from_release_tensors(tensors, cfg, str(weights))
-    uncond = np.load(base / "uncond_embedding.npy", allow_pickle=False).astype(np.float32)
+    try:
+        uncond = np.load(base / "uncond_embedding.npy", allow_pickle=False)
+    except ValueError as e:
+        raise BundleError(f"{base / 'uncond_embedding.npy'}: not a plain .npy array ({e})") from None
+    if not isinstance(uncond, np.ndarray):  # np.load opens any zip as an .npz archive
+        raise BundleError(f"{base / 'uncond_embedding.npy'}: not a plain .npy array (a zip archive)")
+    uncond = uncond.astype(np.float32)
     if uncond.ndim == 1:
         uncond = uncond[None]
     if uncond.ndim != 2 or uncond.shape[1] != cfg.model.text_dim:

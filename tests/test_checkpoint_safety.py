@@ -1,5 +1,5 @@
-"""Nothing in a checkpoint is unpickled: a crafted pickle planted where each loader looks (resume
-and export) runs no code, and the error names the file."""
+"""Nothing in a checkpoint is unpickled: a crafted pickle planted where each loader looks (resume,
+export, a deployment bundle, a reward model's weights) runs no code, and the error names the file."""
 import json
 import os
 import pickle
@@ -103,3 +103,40 @@ def test_export_refuses_a_tensor_stored_as_pickled_bytes(saved, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{path / STATE_DIR} stores {victim} as pickled bytes" in proc.stderr
     assert not marker.exists()
+
+
+def planted_files(marker, tmp_path):
+    """The payload as a bare pickle and inside a torch.save zip (what torch.load would unpickle)."""
+    bare = pickle.dumps(Payload(marker))
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"weight": Payload(marker)}, zipped)
+    return {"bare": bare, "torch.save zip": zipped.read_bytes()}
+
+
+@pytest.mark.parametrize("name", ["model.pt", "pytorch_model.bin", "open_clip_model.safetensors"])
+def test_a_planted_reward_checkpoint_runs_no_code(tmp_path, name):
+    from miro_scale.rewards.loading import CheckpointError as RewardCheckpointError, load_state_dict_file
+
+    marker = tmp_path / "ran"
+    for kind, payload in planted_files(marker, tmp_path).items():
+        target = tmp_path / name
+        target.write_bytes(payload)
+        with pytest.raises(RewardCheckpointError, match=re.escape(str(target))):
+            load_state_dict_file(target)
+        assert not marker.exists(), kind
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "uncond_embedding.npy", "config.json"])
+def test_a_planted_pickle_in_a_bundle_runs_no_code(saved, tmp_path, target):
+    from miro_scale.bundle import BundleError, load as load_bundle
+
+    _, path = saved
+    bundle = tmp_path / "bundle"
+    assert export(path, bundle).returncode == 0
+    load_bundle(str(bundle))
+    marker = tmp_path / "ran"
+    for payload in planted_files(marker, tmp_path).values():
+        (bundle / target).write_bytes(payload)
+        with pytest.raises(BundleError, match=re.escape(str(bundle / target))):
+            load_bundle(str(bundle))
+        assert not marker.exists(), target

@@ -73,6 +73,14 @@ def resolve_file(source: str, filename: Optional[str] = None) -> Path:
     return Path(hf_hub_download(repo_id=source, filename=filename))
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding compiled code and constants.pkl beside data.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def load_state_dict_file(path: str | os.PathLike, nested: Sequence[str] = ("state_dict", "model", "module"),
                          mmap: bool = False) -> Dict[str, torch.Tensor]:
     """A checkpoint file's state dict; `mmap` maps a torch pickle's storage instead of reading it
@@ -80,13 +88,19 @@ def load_state_dict_file(path: str | os.PathLike, nested: Sequence[str] = ("stat
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors' own errors do not name the file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True,
                             mmap=mmap and zipfile.is_zipfile(path))
         except Exception as e:
-            try:  # OpenAI's original CLIP files are TorchScript archives
+            if not _is_torchscript(path):
+                raise CheckpointError(f"{path}: cannot be read as a torch checkpoint with weights_only=True "
+                                      f"({e}); nothing else is tried, as that would unpickle it") from e
+            try:  # OpenAI's original CLIP files: TorchScript's own unpickler admits no Python callables
                 sd = torch.jit.load(str(path), map_location="cpu").state_dict()
             except Exception:
                 raise CheckpointError(f"{path}: cannot be read as a torch checkpoint with weights_only=True "
