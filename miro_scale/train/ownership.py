@@ -136,12 +136,17 @@ def die_with_launcher() -> None:
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
     above = []  # (pid, start time) of the launchers above the parent: the deepspeed runner
-    pid = int(_stat(parent)[1])
+    pid = _parent_of(parent)
     while pid > 1 and _is_launcher(pid):
         above.append((pid, _start_time(pid)))
-        pid = int(_stat(pid)[1])
+        pid = _parent_of(pid)
     if above:
         threading.Thread(target=_die_when_gone, args=(above,), name="launcher-watch", daemon=True).start()
+
+
+def _parent_of(pid: int) -> int:
+    stat = _stat(pid)
+    return 1 if stat is None else int(stat[1])  # gone: as if reparented to init
 
 
 def _die_when_gone(launchers: list) -> None:
