@@ -57,6 +57,10 @@ class ModelConfig:
     # embedder); "zero_token" gives the zero token a NaN gets at inference (docs/fidelity.md)
     nan_reward_in_training: Literal["value0", "zero_token"] = "value0"
     qk_norm: Literal["layer", "rms"] = "layer"  # the released checkpoints use LayerNorm for QK-norm
+    # initial patch position embedding: "normal" (std 0.02, as released) or "sincos" (2-D sin-cos of
+    # unit scale, as DiT): with std 0.02 against RMS-normed patches, a small model sees no position
+    # for its first thousand steps and scatters the patches of a shape (README, "What the demo finds")
+    data_pos_init: Literal["normal", "sincos"] = "normal"
     self_conditioning: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -69,6 +73,8 @@ class ModelConfig:
         _require(self.latent_size % self.patch_size == 0, prefix, "patch_size",
                  f"{self.patch_size} does not divide latent_size {self.latent_size}")
         _require(self.reward_bins >= 2, prefix, "reward_bins", "must be >= 2")
+        _require(self.data_pos_init != "sincos" or self.data_dim % 4 == 0, prefix, "data_pos_init",
+                 f"'sincos' needs data_dim divisible by 4, got {self.data_dim}")
         _require(0.0 <= self.reward_dropout < 1.0, prefix, "reward_dropout", "must be in [0, 1)")
         for i, key in enumerate(self.reward_keys):
             if key not in REWARD_KEYS:

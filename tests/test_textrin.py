@@ -128,3 +128,23 @@ def test_model_stats_tool_prints_counts_and_flops():
     assert "360,411,793" in out
     fwd = float(out.split("GFLOP per sample forward")[0].split()[-1].replace(",", ""))
     assert 150 < fwd < 200  # ~2 x 0.36B x 256 tokens-ish plus attention: 173 GFLOP measured
+
+
+def test_sincos_position_init_encodes_row_and_column(tiny_cfg):
+    """model.data_pos_init=sincos: half the channels a function of the patch row, half of its column,
+    every patch distinct and of unit scale (the demo's small model needs positions from step 0)."""
+    from miro_scale.config import ConfigError
+    from miro_scale.models.textrin import sincos_2d
+
+    table = sincos_2d(4, 8).view(4, 4, 8)
+    assert torch.equal(table[:, :1, :4].expand(4, 4, 4), table[..., :4])  # rows: same along a row
+    assert torch.equal(table[:1, :, 4:].expand(4, 4, 4), table[..., 4:])  # columns: same down a column
+    assert torch.cdist(table.view(16, 8), table.view(16, 8)).add(torch.eye(16)).min() > 0.1
+    assert torch.allclose(table.pow(2).mean(), torch.tensor(0.5))
+    cfg = tiny_cfg(model={"data_pos_init": "sincos"})
+    net = TextRIN(cfg.model)
+    grid = cfg.model.latent_size // cfg.model.patch_size
+    assert torch.equal(net.data_pos_embedding.detach().view(grid * grid, -1), sincos_2d(grid, cfg.model.data_dim))
+    assert TextRIN(tiny_cfg().model).data_pos_embedding.abs().max() <= 0.04  # the released init by default
+    with pytest.raises(ConfigError, match="model.data_pos_init"):
+        tiny_cfg(model={"data_pos_init": "sincos", "data_dim": 30})

@@ -92,6 +92,20 @@ class GeluMLP(nn.Module):
         return self.linear_2(self.activation(self.linear_1(x)))
 
 
+def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
+    """[grid_size**2, dim] 2-D sin-cos position table (MAE/DiT): half the channels encode the row,
+    half the column, each with SinusoidalFeatures' frequencies; dim must be divisible by 4."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float32),
+                                torch.arange(grid_size, dtype=torch.float32), indexing="ij")
+    exponents = torch.arange(dim // 4, dtype=torch.float32) * 4 / dim
+    freqs = (1.0 / 10_000.0) ** exponents
+    parts = []
+    for position in (rows.reshape(-1), cols.reshape(-1)):
+        angles = torch.outer(position, freqs)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
 def swiglu_hidden_dim(dim: int, multiplier: int) -> int:
     """ceil-to-256 of int(2/3 * multiplier * dim), as released."""
     hidden = int(multiplier * dim * 2 / 3)
@@ -274,6 +288,10 @@ class TextRIN(nn.Module):
             embeddings.append(self.coherence_positional_embedding)
         for param in embeddings:
             nn.init.trunc_normal_(param, std=0.02, a=-0.04, b=0.04)
+        if self.cfg.data_pos_init == "sincos":
+            with torch.no_grad():
+                grid = self.cfg.latent_size // self.cfg.patch_size
+                self.data_pos_embedding.copy_(sincos_2d(grid, self.cfg.data_dim))
         if self.cfg.self_conditioning:  # zero gate: self-conditioning starts as a no-op
             nn.init.zeros_(self.ln_previous_2.weight)
             nn.init.zeros_(self.ln_previous_2.bias)
