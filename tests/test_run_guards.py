@@ -105,11 +105,17 @@ def test_sbatch_files_signal_every_rank_and_shield_the_launcher(sbatch):
     assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0
 
 
-def test_a_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_last_one(tmp_path, monkeypatch):
+def saved_then_stepped(tmp_path) -> Trainer:
+    """A trainer with its step-1 checkpoint written and one more step taken."""
     trainer = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "run")})))
     trainer.train_step()
     trainer.save()
     trainer.train_step()
+    return trainer
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_last_one(tmp_path, monkeypatch):
+    trainer = saved_then_stepped(tmp_path)
 
     def full(_fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -124,10 +130,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_last_one(
 
 @pytest.mark.parametrize("failing", ["rank state", "trainer.json"])
 def test_a_full_disk_after_the_tensors_names_the_cause_too(tmp_path, monkeypatch, failing):
-    trainer = Trainer(config_from_dict(tiny_config_dict(train={"output_dir": str(tmp_path / "run")})))
-    trainer.train_step()
-    trainer.save()
-    trainer.train_step()
+    trainer = saved_then_stepped(tmp_path)
     real = Path.write_text
 
     def full(self, *args, **kwargs):
