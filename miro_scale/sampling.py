@@ -278,3 +278,32 @@ class MiroPipeline:
             return images.permute(0, 2, 3, 1).cpu().numpy()
         from torchvision.transforms.functional import to_pil_image
         return [to_pil_image(img.cpu()) for img in images]
+
+    @torch.no_grad()
+    def denoise(self, prompt, images: torch.Tensor, gamma: float, *, reward_targets: Targets = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The model's clean estimate of ``images`` ([B, 3, H, W] in [0, 1], one prompt each) noised to
+        signal level ``gamma``: x = gamma x0 + (1 - gamma) noise, then x - (1 - gamma) v(x). What the
+        model draws once the layout is given (at high gamma) or mostly left to it (at low gamma).
+        Returns [B, 3, H, W] in [0, 1]."""
+        from miro_scale.flow import denormalize_latents, normalize_latents
+
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        text, mask = self.text_encoder.encode(prompts)
+        mean, _ = self.autoencoder.encode(images.to(self.device) * 2 - 1)
+        x0 = normalize_latents(mean.float(), self.cfg.flow)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=torch.float32)
+        x = gamma * x0 + (1 - gamma) * noise
+        keys = self.cfg.model.reward_keys
+        rewards = reward_matrix(keys, self.cfg.sampling.reward_targets, reward_targets, 1.0, len(prompts)) if keys else None
+        gammas = torch.full((len(prompts),), gamma, device=self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            v = self.model(x, gammas, text.float().to(self.device), mask.bool().to(self.device),
+                           None if rewards is None else rewards.to(self.device).expand(len(prompts), -1)
+                           ).velocity.float()
+        estimate = denormalize_latents(x - (1 - gamma) * v, self.cfg.flow)
+        return (self.autoencoder.decode(estimate).float() * 0.5 + 0.5).clamp(0, 1)

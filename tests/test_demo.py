@@ -40,6 +40,11 @@ def test_demo_writes_the_report_and_every_figure(demo):
     # MIRO is also measured with reward CFG at its config's weight, beside the dials-alone comparison
     assert set(results["miro_cfg"]["means"]) == set(results["keys"]) and results["miro_cfg"]["guidance"] > 0
     assert f"miro, reward CFG w={results['miro_cfg']['guidance']:g}" in report
+    # every model redraws the true scenes at every signal level; the true scenes themselves align
+    drawing = results["drawing"]
+    assert drawing["true scene"] > 0.9
+    for name in ("baseline", "miro", "specialist"):
+        assert len(drawing[name]) == len(drawing["gammas"]) and all(0 <= v <= 1 for v in drawing[name])
 
 
 def test_miro_rewards_respond_to_their_dials(demo):

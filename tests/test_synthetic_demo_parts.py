@@ -131,3 +131,31 @@ def test_pipeline_from_a_checkpoint_is_the_exported_bundle_and_shares_noise_acro
                              reward_targets={"sharpness_score": 0.0})
     assert not torch.allclose(low.images, a.images)
     assert set(a.means()) == {"sharpness_score", "contrast_score", "caption_alignment_score"}
+
+
+def test_denoise_is_the_one_step_clean_estimate_of_the_noised_images():
+    cfg = config_from_dict(tiny_config_dict(
+        model={"latent_channels": 3, "latent_size": 16, "patch_size": 4, "reward_keys": ["sharpness_score", "contrast_score"]},
+        flow={"latent_shift": [0.0] * 3, "latent_scale": [0.5] * 3, "prediction": "sample"},
+        text_encoder={"kind": "small", "name_or_path": "", "max_length": 8},
+        autoencoder={"kind": "identity", "name_or_path": "", "image_size": 16}))
+    torch.manual_seed(0)
+    model = MiroFlowModel(cfg.model, cfg.flow)
+    pipe = MiroPipeline(cfg, model, torch.zeros(1, cfg.model.text_dim))
+    prompts = ["a photo of a red circle", "a photo of a blue star"]
+    images = torch.rand(2, 3, 16, 16)
+    out = pipe.denoise(prompts, images, 0.4, reward_targets={"sharpness_score": 0.2},
+                       generator=torch.Generator().manual_seed(5))
+    # by hand: normalised pixels, the same noise, x - (1 - g) v with the dials as given (others at 1)
+    x0 = (images * 2 - 1) * (cfg.flow.sigma_data / 0.5)
+    x = 0.4 * x0 + 0.6 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    text, mask = pipe.text_encoder.encode(prompts)
+    with torch.no_grad():
+        v = model(x, torch.full((2,), 0.4), text, mask, torch.tensor([[0.2, 1.0]] * 2)).velocity
+    expected = ((x - 0.6 * v) * (0.5 / cfg.flow.sigma_data) * 0.5 + 0.5).clamp(0, 1)
+    assert out.shape == images.shape
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="gamma"):
+        pipe.denoise(prompts, images, 1.0)
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        pipe.denoise(prompts, torch.rand(3, 3, 16, 16), 0.5)

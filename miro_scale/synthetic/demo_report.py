@@ -21,13 +21,15 @@ import torch
 
 from miro_scale.evaluation import claims as claim_checks
 from miro_scale.evaluation import plots
-from miro_scale.evaluation.generation import ScoredSamples, generate_and_score
+from miro_scale.evaluation.generation import ScoredSamples, category_of, generate_and_score
 from miro_scale.evaluation.metrics import (best_of_n, category_summary, controllability, mean_finite, percentile,
                                            summary_table)
 from miro_scale.evaluation.rewards import RewardEvaluator
-from miro_scale.synthetic.world import evaluation_prompts
+from miro_scale.synthetic.world import evaluation_prompts, render_scene
 
 AGGREGATE = "mean_percentile"
+# signal levels at which the models redraw the true scenes of the prompts (section "Drawing")
+DENOISE_GAMMAS = (0.2, 0.4, 0.6, 0.8)
 
 
 def _cached(path: Path, make) -> ScoredSamples:
@@ -145,6 +147,28 @@ def evaluate(work: Path, preset, models: Mapping[str, str], keys: Sequence[str],
         bon[name] = {key: best_of_n(s.scores, key, ns, seed=seed)[key] for key in keys}
         bon[name][AGGREGATE] = best_of_n(pct, AGGREGATE, ns, seed=seed)[AGGREGATE]
 
+    # 2b. drawing: each model's clean estimate of the prompts' true scenes noised to a signal level,
+    # scored against the prompts; separates "cannot draw the shapes" from "cannot choose a layout"
+    truth = torch.stack([torch.from_numpy(np.array(render_scene(p.metadata["scene"], np.random.default_rng(seed))))
+                         for p in prompts]).permute(0, 3, 1, 2).float() / 255
+    texts = [p.text for p in prompts]
+    truth_scores = evaluator.score_images(truth * 2 - 1, texts)
+    drawing = {"gammas": list(DENOISE_GAMMAS), "true scene": float(truth_scores[keys[0]].nanmean())}
+    estimates = {}
+    for name in models:
+        drawing[name] = []
+        for gamma in DENOISE_GAMMAS:
+            def make(name=name, gamma=gamma):
+                generator = torch.Generator(pipes[name].device).manual_seed(seed + 777)
+                images = pipes[name].denoise(texts, truth, gamma,
+                                             reward_targets=_targets(name, specialist_reward), generator=generator)
+                scores = evaluator.score_images(images * 2 - 1, texts)
+                return ScoredSamples(texts, [category_of(p) for p in prompts],
+                                     images[:, None], {k: v.view(-1, 1) for k, v in scores.items()})
+            redrawn = _cached(cache / f"denoise_{name}_{gamma:.2f}.pt", make)
+            drawing[name].append(redrawn.mean(keys[0]))
+            estimates[(name, gamma)] = redrawn.images[:8, 0]
+
     # 3. controllability: MIRO's dials one at a time (the others at 1) and all together; the
     # specialist's one dial
     sweep_prompts = prompts[:preset.sweep_prompts]
@@ -181,7 +205,7 @@ def evaluate(work: Path, preset, models: Mapping[str, str], keys: Sequence[str],
         "prompts": [p.text for p in prompts], "curves": curves, "means": means, "means_pct": means_pct,
         "categories": categories, "best_of_n": bon, "isolated": isolated, "joint": joint["result"],
         "specialist_dial": special["result"], "guidance": preset.guidance, "miro_cfg": miro_cfg,
-        "reference_means": {k: float(np.nanmean(v)) for k, v in reference.items()},
+        "reference_means": {k: float(np.nanmean(v)) for k, v in reference.items()}, "drawing": drawing,
     }
     results["claims"] = {
         "convergence": claim_checks.convergence(curves, keys, aggregate=AGGREGATE),
@@ -203,6 +227,10 @@ def evaluate(work: Path, preset, models: Mapping[str, str], keys: Sequence[str],
         "miro_dials": plots.image_grid({f"all dials {lv:g}": im for lv, im in zip(preset.levels, sweep_images["miro_all"])},
                                        figures / "miro_dials.png",
                                        column_labels=[_short(p.text) for p in sweep_prompts[:8]], scale=3),
+        "drawing": plots.image_grid(
+            {"true scene": truth[:8], **{f"{name} from {g:g}": estimates[(name, g)]
+                                         for g in DENOISE_GAMMAS for name in ("miro", "baseline")}},
+            figures / "drawing.png", column_labels=[_short(p.text) for p in prompts[:8]], scale=3),
         "specialist_dial": plots.image_grid(
             {f"{specialist_reward.replace('_score', '')} {lv:g}": im
              for lv, im in zip(preset.levels, sweep_images["specialist_dial"])},
@@ -314,8 +342,18 @@ def write_report(work: Path, results: Dict, cost: Dict) -> Path:
         for key in list(keys) + [AGGREGATE]:
             rows.setdefault(key.replace("_score", ""), {})[name] = " / ".join(_num(v, 3) for v in curve[key])
     lines += [summary_table(rows, results["models"], fmt="{}", first="reward"), ""]
+    d = results["drawing"]
     lines += ["## Samples", "", "First image of the first prompts, one row per model:", "",
               f"![samples]({results['figures']['samples']})", "",
+              "## Drawing: from a noised true scene", "",
+              "Each prompt's true scene (rendered by the world), noised to signal level g "
+              "(x = g x0 + (1 - g) noise, the same noise for every model), and each model's clean estimate "
+              "x - (1 - g) v in one step: at high g the layout is given and the model only has to draw, at "
+              "low g it has to choose most of it, as when sampling from pure noise. Mean caption alignment "
+              f"(the true scenes themselves: {d['true scene']:.3f}):", "",
+              summary_table({name: {f"g = {g:g}": v for g, v in zip(d["gammas"], d[name])} for name in results["models"]},
+                            [f"g = {g:g}" for g in d["gammas"]], first="model"), "",
+              f"![drawing]({results['figures']['drawing']})", "",
               "## Cost", "",
               f"Preset `{cost['preset']}`: wall {cost['wall_s']:.0f} s, CPU {cost['cpu_s']:.0f} s on "
               f"{cost['cores']} cores ({cost['cpu_s'] / max(1, cost['cores']):.0f} s per core: the wall time "
