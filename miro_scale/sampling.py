@@ -235,8 +235,6 @@ class MiroPipeline:
         starting noise [B * num_images_per_prompt, C, h, w] (else drawn with ``generator``).
         ``output_type``: "pil" (list of images), "pt" ([B, 3, H, W] in [0, 1]), "np" ([B, H, W, 3]
         in [0, 1]) or "latent" (the sampler's normalised latents, before the autoencoder)."""
-        from miro_scale.flow import denormalize_latents
-
         if output_type not in ("pil", "pt", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
         s, m = self.cfg.sampling, self.cfg.model
@@ -271,7 +269,7 @@ class MiroPipeline:
                    final_gamma=s.final_gamma if final_gamma is None else final_gamma)
         if output_type == "latent":
             return x
-        images = (self.autoencoder.decode(denormalize_latents(x, self.cfg.flow)).float() * 0.5 + 0.5).clamp(0, 1)
+        images = self._decode(x)
         if output_type == "pt":
             return images
         if output_type == "np":
@@ -286,7 +284,7 @@ class MiroPipeline:
         signal level ``gamma``: x = gamma x0 + (1 - gamma) noise, then x - (1 - gamma) v(x). What the
         model draws once the layout is given (at high gamma) or mostly left to it (at low gamma).
         Returns [B, 3, H, W] in [0, 1]."""
-        from miro_scale.flow import denormalize_latents, normalize_latents
+        from miro_scale.flow import normalize_latents
 
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
@@ -305,5 +303,10 @@ class MiroPipeline:
             v = self.model(x, gammas, text.float().to(self.device), mask.bool().to(self.device),
                            None if rewards is None else rewards.to(self.device).expand(len(prompts), -1)
                            ).velocity.float()
-        estimate = denormalize_latents(x - (1 - gamma) * v, self.cfg.flow)
-        return (self.autoencoder.decode(estimate).float() * 0.5 + 0.5).clamp(0, 1)
+        return self._decode(x - (1 - gamma) * v)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images [B, 3, H, W] in [0, 1]."""
+        from miro_scale.flow import denormalize_latents
+
+        return (self.autoencoder.decode(denormalize_latents(x, self.cfg.flow)).float() * 0.5 + 0.5).clamp(0, 1)
