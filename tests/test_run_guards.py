@@ -66,6 +66,26 @@ def test_a_reused_pid_does_not_keep_a_stale_owner(tmp_path):
     assert not (tmp_path / OWNER_FILE).exists()
 
 
+COMMIT_GUARD = """
+import subprocess, sys
+from miro_scale.train import ownership
+launcher = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+ownership._launchers[:] = [(launcher.pid, ownership._start_time(launcher.pid))]
+ownership.die_if_orphaned()
+print("alive while the launcher lives", flush=True)
+launcher.communicate(b"")
+ownership.die_if_orphaned()
+print("committed after the launcher died", flush=True)
+"""
+
+
+def test_the_commit_guard_ends_a_rank_whose_launcher_is_gone():
+    """The check the trainer makes right before a checkpoint commit (the watch thread may lag)."""
+    proc = subprocess.run([sys.executable, "-c", COMMIT_GUARD], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert proc.stdout.splitlines() == ["alive while the launcher lives"]
+
+
 def test_another_hosts_owner_is_not_guessed_at(tmp_path):
     (tmp_path / OWNER_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
     with pytest.raises(RunOwnedError, match="another host"):

@@ -11,14 +11,16 @@ torchrun and the deepspeed launcher start each rank in its own session, so a lau
 SIGKILL leaves its ranks running on. Each rank asks the kernel for SIGKILL when its parent (the
 launcher) dies: no step and no checkpoint after the launcher is gone. The `deepspeed` command is two
 launchers (the runner starts deepspeed.launcher.launch, which starts the ranks) and the kernel only
-watches the parent, so a rank also polls the launchers above its parent and ends itself when one is
-gone.
+watches the parent, so a rank also waits on a pidfd of each launcher above its parent (woken the
+moment one exits; polled where pidfds are missing) and ends itself. A thread can only act when it
+gets the interpreter, so the checkpoint commit checks the launchers once more (`die_if_orphaned`).
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -31,6 +33,7 @@ PR_SET_PDEATHSIG = 1
 LAUNCHER_COMMANDS = {"torchrun", "deepspeed"}
 LAUNCHER_MODULES = {"torch.distributed.run", "deepspeed.launcher.launch", "deepspeed.launcher.runner"}
 ANCESTOR_POLL_S = 0.5
+_launchers: list = []  # (pid, start time) of this rank's parent and the launchers above it
 
 
 class RunOwnedError(RuntimeError):
@@ -135,13 +138,20 @@ def die_with_launcher() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
-    above = []  # (pid, start time) of the launchers above the parent: the deepspeed runner
+    above = []  # the launchers above the parent: the deepspeed runner
     pid = _parent_of(parent)
     while pid > 1 and _is_launcher(pid):
         above.append((pid, _start_time(pid)))
         pid = _parent_of(pid)
+    _launchers[:] = [(parent, _start_time(parent)), *above]
     if above:
         threading.Thread(target=_die_when_gone, args=(above,), name="launcher-watch", daemon=True).start()
+
+
+def die_if_orphaned() -> None:
+    """SIGKILL this process if a launcher it was started under is gone (a no-op outside one)."""
+    if any(_gone(pid, start) for pid, start in _launchers):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _parent_of(pid: int) -> int:
@@ -149,10 +159,23 @@ def _parent_of(pid: int) -> int:
     return 1 if stat is None else int(stat[1])  # gone: as if reparented to init
 
 
+def _gone(pid: int, start: Optional[str]) -> bool:
+    stat = _stat(pid)
+    return stat is None or stat[0] == "Z" or stat[19] != start
+
+
 def _die_when_gone(launchers: list) -> None:
+    try:
+        fds = [os.pidfd_open(pid) for pid, _ in launchers]  # Linux >= 5.3
+    except (AttributeError, OSError):
+        fds = []
+    die_if_orphaned()  # a pid reused before its pidfd was opened names another process
+    if fds:
+        waiter = select.poll()
+        for fd in fds:
+            waiter.register(fd, select.POLLIN)  # readable once the process exits
+        waiter.poll()
+        os.kill(os.getpid(), signal.SIGKILL)
     while True:
-        for pid, start in launchers:
-            stat = _stat(pid)
-            if stat is None or stat[0] == "Z" or stat[19] != start:
-                os.kill(os.getpid(), signal.SIGKILL)
+        die_if_orphaned()
         time.sleep(ANCESTOR_POLL_S)

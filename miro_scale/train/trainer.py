@@ -31,7 +31,7 @@ from miro_scale.models import parallelize
 from miro_scale.train.engines import build_engine
 from miro_scale.train.metrics import DeviceSums, Metrics, memory_gib
 from miro_scale.train.optim import EMA
-from miro_scale.train.ownership import RunOwner
+from miro_scale.train.ownership import RunOwner, die_if_orphaned
 from miro_scale.train.prefetch import Prefetcher
 from miro_scale.train.preflight import preflight
 
@@ -174,6 +174,7 @@ class Trainer:
         checkpoint.write_rank_state(staging, self.rank, self.data.state_dict(), self._rng_state())
         self._barrier()
         if self.rank == 0:
+            die_if_orphaned()  # the launcher-watch thread may not have run yet: commit nothing after it
             nonfinite = self.nonfinite_steps + round(self.window.peek()["skipped"])
             checkpoint.commit(root, self.step, {"step": self.step, "nonfinite_steps": nonfinite,
                                                 "world_size": self.world, "state": skeleton},
