@@ -48,7 +48,7 @@ def test_demo_writes_the_report_and_every_figure(demo):
 
 
 def test_miro_rewards_respond_to_their_dials(demo):
-    """After the CI preset's 200 steps MIRO's measured rewards already follow its dials: some reward
+    """After the CI preset's 140 steps MIRO's measured rewards already follow its dials: some reward
     rises with its own dial (the others at 1), and some with all the dials moved together (Spearman
     rho between the requested level and each image's score; about 0.4-0.8 when measured)."""
     work, _ = demo
