@@ -61,6 +61,12 @@ class ModelConfig:
     # unit scale, as DiT): with std 0.02 against RMS-normed patches, a small model sees no position
     # for its first thousand steps and scatters the patches of a shape (README, "What the demo finds")
     data_pos_init: Literal["normal", "sincos"] = "normal"
+    # each data token reads, and writes back, a k x k block of patches around its own (overlapping
+    # patches: a conv of kernel k * patch_size and stride patch_size in, its transpose out); 1 is the
+    # released non-overlapping linear patches. With 1, a small pixel-space model decides each patch
+    # from its own noise and draws scatters of patches; with 3 it draws coherent objects (README,
+    # "What the demo finds")
+    patch_context: int = 1
     self_conditioning: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -73,6 +79,8 @@ class ModelConfig:
         _require(self.latent_size % self.patch_size == 0, prefix, "patch_size",
                  f"{self.patch_size} does not divide latent_size {self.latent_size}")
         _require(self.reward_bins >= 2, prefix, "reward_bins", "must be >= 2")
+        _require(self.patch_context >= 1 and self.patch_context % 2 == 1, prefix, "patch_context",
+                 f"must be an odd number >= 1 (a block of patches centred on its own), got {self.patch_context}")
         _require(self.data_pos_init != "sincos" or self.data_dim % 4 == 0, prefix, "data_pos_init",
                  f"'sincos' needs data_dim divisible by 4, got {self.data_dim}")
         _require(0.0 <= self.reward_dropout < 1.0, prefix, "reward_dropout", "must be in [0, 1)")

@@ -148,3 +148,38 @@ def test_sincos_position_init_encodes_row_and_column(tiny_cfg):
     assert TextRIN(tiny_cfg().model).data_pos_embedding.abs().max() <= 0.04  # the released init by default
     with pytest.raises(ConfigError, match="model.data_pos_init"):
         tiny_cfg(model={"data_pos_init": "sincos", "data_dim": 30})
+
+
+def test_overlapping_patches_read_and_write_their_neighbours(tiny_cfg):
+    """model.patch_context=3: a token's embedding depends on its own and the 8 neighbouring patches
+    and on nothing further; its output block covers the same 3 x 3 patches, summed where blocks
+    overlap; 1 keeps the released linear patches."""
+    from miro_scale.config import ConfigError
+
+    cfg = tiny_cfg(model={"patch_context": 3})
+    net = TextRIN(cfg.model)
+    m = cfg.model
+    p, grid = m.patch_size, m.latent_size // m.patch_size
+    x = torch.randn(1, m.latent_channels, m.latent_size, m.latent_size, requires_grad=True)
+    token = 1 * grid + 1  # row 1, column 1
+    net.embed_patches(x)[0, token].sum().backward()
+    touched = x.grad.abs().sum(dim=(0, 1)) > 0
+    expected = torch.zeros_like(touched)
+    expected[0:3 * p, 0:3 * p] = True  # rows/columns 0-2 of patches around (1, 1)
+    assert torch.equal(touched, expected)
+
+    c = m.latent_channels
+    block = torch.zeros(1, grid * grid, c * (3 * p) ** 2)
+    block[0, token] = 1.0
+    image = net.tokens_to_image(block, m.latent_size, m.latent_size)
+    assert torch.equal(image[0, 0] != 0, expected)
+    block[0, token + 1] = 1.0  # the next token's block overlaps two patch columns of this one
+    image = net.tokens_to_image(block, m.latent_size, m.latent_size)
+    assert image.max() == 2.0 and int((image[0, 0] == 2.0).sum()) == 3 * p * 2 * p
+
+    out, _ = net(*make_inputs(cfg))
+    assert out.shape == (2, c, m.latent_size, m.latent_size) and torch.isfinite(out).all()
+    assert isinstance(TextRIN(tiny_cfg().model).patch_extractor, torch.nn.Linear)  # released by default
+    for bad in (0, 2):
+        with pytest.raises(ConfigError, match="model.patch_context"):
+            tiny_cfg(model={"patch_context": bad})

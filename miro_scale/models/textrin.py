@@ -241,7 +241,11 @@ class TextRIN(nn.Module):
         num_patches = (cfg.latent_size // p) ** 2
         self.reward_keys = list(cfg.reward_keys)
 
-        self.patch_extractor = nn.Linear(c * p * p, cfg.data_dim)
+        k = cfg.patch_context
+        if k > 1:  # overlapping patches: a k x k block of patches around each token's own
+            self.patch_extractor = nn.Conv2d(c, cfg.data_dim, k * p, stride=p, padding=(k // 2) * p)
+        else:
+            self.patch_extractor = nn.Linear(c * p * p, cfg.data_dim)
         self.data_pos_embedding = nn.Parameter(torch.zeros(num_patches, cfg.data_dim))
         self.data_ln = RMSNorm(cfg.data_dim)
         self.latents = nn.Parameter(torch.zeros(cfg.num_latents, cfg.latents_dim))
@@ -269,7 +273,8 @@ class TextRIN(nn.Module):
             self.ln_previous_2 = nn.LayerNorm(cfg.latents_dim, eps=1e-6)
 
         self.rin_blocks = nn.ModuleList([RINBlock(cfg) for _ in range(cfg.num_blocks)])
-        self.map_tokens_to_patches = nn.Sequential(RMSNorm(cfg.data_dim), nn.Linear(cfg.data_dim, c * p * p))
+        # with patch_context k, each token writes a (k p) x (k p) block; overlapping blocks are summed
+        self.map_tokens_to_patches = nn.Sequential(RMSNorm(cfg.data_dim), nn.Linear(cfg.data_dim, c * (k * p) ** 2))
         self.initialize_weights()
 
     def _reward_features(self, dim: int) -> nn.Module:
@@ -308,6 +313,19 @@ class TextRIN(nn.Module):
         p, c = self.cfg.patch_size, self.cfg.latent_channels
         x = x.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, h, w)
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, N, data_dim] patch tokens (before RMSNorm and positions)."""
+        if self.cfg.patch_context > 1:
+            return self.patch_extractor(x).flatten(2).transpose(1, 2)
+        return self.patch_extractor(self.patchify(x))
+
+    def tokens_to_image(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """[B, N, C * (k p)^2] output blocks -> [B, C, H, W]; overlapping blocks (k > 1) are summed."""
+        k, p = self.cfg.patch_context, self.cfg.patch_size
+        if k > 1:
+            return nn.functional.fold(tokens.transpose(1, 2), (h, w), k * p, stride=p, padding=(k // 2) * p)
+        return self.unpatchify(tokens, h, w)
 
     def embed_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
         """[B, N] reward values in [0, 1] -> [B, N, D] tokens. A dropped reward (training) gives a
@@ -359,7 +377,7 @@ class TextRIN(nn.Module):
         text_mask: [B, L] bool; rewards: [B, N] in reward_keys order; previous_latents: [B, M, D]
         from a previous pass (zeros when None). Returns the prediction and the final latents."""
         b, _, h, w = x.shape
-        data = self.data_ln(self.patch_extractor(self.patchify(x))) + self.data_pos_embedding.unsqueeze(0)
+        data = self.data_ln(self.embed_patches(x)) + self.data_pos_embedding.unsqueeze(0)
         time = self.time_embedder(gamma)
         cond, cond_mask = self.embed_conditioning(time, text, text_mask, rewards)
         latents = self.latents.unsqueeze(0) + time.unsqueeze(1)
@@ -371,7 +389,7 @@ class TextRIN(nn.Module):
                 previous_latents + self.linear_previous(self.ln_previous_1(previous_latents)))
         for block in self.rin_blocks:
             data, latents = block(data, latents, cond, cond_mask)
-        return self.unpatchify(self.map_tokens_to_patches(data), h, w), latents
+        return self.tokens_to_image(self.map_tokens_to_patches(data), h, w), latents
 
 
 def count_parameters(module: nn.Module) -> int:
