@@ -248,6 +248,10 @@ def main(argv=None) -> int:
           f"per core); report: {report}")
     for claim in results["claims"].values():
         print(f"  {'REPRODUCES' if claim['reproduces'] else 'does not reproduce'}: {claim['summary']}")
+    gap = results["caption_following"]["vs_baseline"]
+    print(f"  caption alignment, MIRO (caption 1, image statistics 0.5) - baseline: {gap['difference']:+.3f} "
+          f"+- {gap['stderr']:.3f} over {gap['prompts']} prompts: "
+          + ("clearly above" if results["caption_following"]["clearly_above_baseline"] else "not clearly above"))
     return 0
 
 

@@ -40,6 +40,11 @@ def test_demo_writes_the_report_and_every_figure(demo):
     # MIRO is also measured with reward CFG at its config's weight, beside the dials-alone comparison
     assert set(results["miro_cfg"]["means"]) == set(results["keys"]) and results["miro_cfg"]["guidance"] > 0
     assert f"miro, reward CFG w={results['miro_cfg']['guidance']:g}" in report
+    # and asked for its caption at typical image statistics, compared with the baseline over the prompts
+    cf = results["caption_following"]
+    assert cf["targets"][results["keys"][0]] == 1.0 and set(cf["typical"]["means"]) == set(results["keys"])
+    assert cf["vs_baseline"]["prompts"] == len(results["prompts"]) and cf["vs_baseline"]["stderr"] >= 0
+    assert isinstance(cf["clearly_above_baseline"], bool) and "Does MIRO draw what the caption says" in report
     # every model redraws the true scenes at every signal level; the true scenes themselves align
     drawing = results["drawing"]
     assert drawing["true scene"] > 0.9

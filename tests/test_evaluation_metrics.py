@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from miro_scale.evaluation import claims
-from miro_scale.evaluation.metrics import (best_of_n, category_summary, controllability, percentile, spearman,
-                                           speedup, steps_to_reach)
+from miro_scale.evaluation.metrics import (best_of_n, category_summary, controllability, paired_difference,
+                                           percentile, spearman, speedup, steps_to_reach)
 
 
 def test_spearman_matches_pearson_of_ranks_with_ties():
@@ -21,6 +21,18 @@ def test_spearman_matches_pearson_of_ranks_with_ties():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
     assert math.isnan(spearman([1, float("nan")], [1, 2]))
+
+
+def test_paired_difference_averages_per_prompt_and_errs_over_prompts():
+    a = torch.tensor([[1.0, 3.0], [2.0, float("nan")], [0.0, 0.0], [float("nan"), float("nan")]])
+    b = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    out = paired_difference(a, b)
+    # per prompt: 2 - 0, 2 - 1, 0 - 1; the last prompt has no score of a and is left out
+    assert out["prompts"] == 3
+    assert out["difference"] == pytest.approx(2 / 3)
+    assert out["stderr"] == pytest.approx(np.std([2.0, 1.0, -1.0], ddof=1) / math.sqrt(3))
+    with pytest.raises(ValueError, match="one shape"):
+        paired_difference(torch.zeros(3, 2), torch.zeros(3, 4))
 
 
 def test_best_of_n_rises_with_n_and_reports_the_selected_images_other_rewards():

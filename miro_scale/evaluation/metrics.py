@@ -9,10 +9,13 @@
   value, and speedup(...) the baseline-vs-model ratio of the paper's Fig. 5.
 - percentile(values, reference): a score as the share of a reference distribution (the training
   data's scores) below it, which puts rewards of any scale on one [0, 1] axis (radar charts).
+- paired_difference(a, b): the mean difference of two models' scores on the same prompts and
+  noise, with its standard error over prompts (the unit that varies between evaluations).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -142,6 +145,23 @@ def controllability(levels: Sequence[float], scores_per_level: Sequence[Mapping[
     return out
 
 
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
+    """a, b: [P, N] scores of two settings on the same P prompts (N images each, the same noise).
+    Each prompt's mean difference (NaN images left out), then their mean and its standard error
+    over prompts: images of one prompt are not independent, prompts are."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"paired_difference: expected two [prompts, images] arrays of one shape, got {a.shape} and {b.shape}")
+    with warnings.catch_warnings():  # a prompt whose images all lack a score is left out, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_prompt = np.nanmean(a, 1) - np.nanmean(b, 1)
+    per_prompt = per_prompt[np.isfinite(per_prompt)]
+    n = len(per_prompt)
+    mean = float(per_prompt.mean()) if n else float("nan")
+    stderr = float(per_prompt.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"difference": mean, "stderr": stderr, "prompts": n}
+
+
 def summary_table(rows: Mapping[str, Mapping[str, float]], keys: Sequence[str], fmt: str = "{:.3f}",
                   first: str = "model") -> str:
     """A markdown table: one row per name, one column per key."""
@@ -166,4 +186,4 @@ def nan_to_none(x: Optional[float]) -> Optional[float]:
 
 
 __all__ = ["spearman", "best_of_n", "category_summary", "steps_to_reach", "speedup", "percentile",
-           "controllability", "summary_table", "mean_finite", "nan_to_none"]
+           "paired_difference", "controllability", "summary_table", "mean_finite", "nan_to_none"]
