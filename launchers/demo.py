@@ -11,8 +11,9 @@ Every stage is the project's own command (printed before it runs): the synthetic
 preprocessing/score.py, bin.py and shard.py, launchers/train.py, checkpoints_tools/export.py; the
 evaluation samples each model through MiroPipeline (miro_scale/sampling.py) and scores the images
 with the world's rewards (miro_scale/synthetic/rewards.py): reward curves over training, GenEval-like
-categories, controllability sweeps, best-of-n. It writes DIR/report.md with the measured numbers,
-a verdict per claim and the figures.
+categories, controllability sweeps, best-of-n, and whether MIRO asked for its caption draws it better
+than the baseline. It writes DIR/report.md with the measured numbers, a verdict per claim and the
+figures.
 
 Stages resume: the world and preprocessing stages skip finished shards, training resumes from its
 last checkpoint, an export or evaluation piece is redone only if its output is missing (each is
@@ -64,6 +65,10 @@ class Preset:
     sweep_prompts: int      # controllability: prompts per level ...
     sweep_images: int       # ... and images per prompt
     levels: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # caption following (MIRO asked for its caption vs the baseline): fresh prompts x images each; the
+    # prompt is what varies between evaluations, so more prompts than the comparison above
+    caption_prompts: int = 96
+    caption_images: int = 4
     sampling_steps: int = 20
     # Reward CFG weight of the evaluation's samples. Measured on the CPU preset's models: CFG (w 1.5)
     # pushes the pixel rewards up and the images away from their captions (MIRO's caption alignment
@@ -83,10 +88,12 @@ PRESETS = {
     # (measured at 140 steps with overlapping patches: own-dial rho 0.30 contrast, 0.60 colourfulness;
     # with the released patches 0.54 and 0.52, 0.73 and 0.81 at 200 steps; at 100 steps none > 0.1)
     "ci": Preset(samples=512, shard_size=256, resolution=32, steps=140, curve_points=2, eval_prompts=8,
-                 images_per_prompt=2, sweep_prompts=8, sweep_images=1, levels=(0.0, 1.0), sampling_steps=4),
+                 images_per_prompt=2, sweep_prompts=8, sweep_images=1, levels=(0.0, 1.0), sampling_steps=4,
+                 caption_prompts=8, caption_images=2),
     # one GPU: a larger world, a wider model, 64 px, longer training
     "gpu": Preset(samples=100_000, shard_size=5000, resolution=64, steps=20_000, curve_points=10, eval_prompts=300,
                   images_per_prompt=32, sweep_prompts=100, sweep_images=2, sampling_steps=30, batch_size=256,
+                  caption_prompts=300,
                   train_set=("model.latent_size=64", "autoencoder.image_size=64", "data.resolution=64",
                              "model.data_dim=256", "model.latents_dim=512", "model.num_latents=64",
                              "model.num_blocks=4", "model.read_write_heads=4", "model.compute_heads=8",
