@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
     print("\n== evaluate and report (in this process)", flush=True)
     t0 = time.perf_counter()
-    from miro_scale.synthetic.demo_report import evaluate, write_report
+    from miro_scale.synthetic.demo_report import TYPICAL_ROW, evaluate, write_report
 
     results = evaluate(work, preset, MODELS, REWARDS, SPECIALIST_REWARD, VOCABULARY, ALIGNMENT_OK, a.seed)
     clock.stages["evaluate"] = clock.stages.get("evaluate", 0.0) + time.perf_counter() - t0
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     for claim in results["claims"].values():
         print(f"  {'REPRODUCES' if claim['reproduces'] else 'does not reproduce'}: {claim['summary']}")
     gap = results["caption_following"]["vs_baseline"]
-    print(f"  caption alignment, MIRO (caption 1, image statistics 0.5) - baseline: {gap['difference']:+.3f} "
+    print(f"  caption alignment, {TYPICAL_ROW} - baseline: {gap['difference']:+.3f} "
           f"+- {gap['stderr']:.3f} over {gap['prompts']} prompts: "
           + ("clearly above" if results["caption_following"]["clearly_above_baseline"] else "not clearly above"))
     return 0
